@@ -1,0 +1,368 @@
+"""The ``lowbit`` command line.
+
+Conventions shared by every sub-command:
+- ``--json`` prints exactly one JSON object on stdout (progress and logs go to stderr);
+  on an error that object has an ``error`` field and the exit code is non-zero.
+- Bad input is one clear line, never a traceback (set ``LOWBIT_DEBUG=1`` to see one).
+- ``--data-dir`` (else the ``LOWBIT_DATA`` environment variable) is the folder holding
+  one sub-folder per data set; the built-in ``sample`` needs none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from . import __version__
+from .errors import LowbitError, TrainingInterrupted
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that answers usage errors in JSON too when ``--json`` was given."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        if "--json" in sys.argv[1:] or _JSON_FLAG[0]:
+            print(json.dumps({"error": message}))
+        raise SystemExit(EXIT_USAGE)
+
+
+_JSON_FLAG = [False]  # set by main() when --json is among the arguments it was given
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], text: str | None = None) -> None:
+    """Print the result: one JSON object with --json, else ``text`` (or key: value lines)."""
+    from .utils import dumps
+
+    if getattr(args, "json", False):
+        print(dumps(result, indent=2), flush=True)
+    elif text is not None:
+        print(text, flush=True)
+    else:
+        for k, v in result.items():
+            if not isinstance(v, list | dict):
+                print(f"{k}: {v}")
+
+
+def _parse_kv(items: Sequence[str] | None, what: str) -> dict[str, Any]:
+    """``["width=0.5", "shortcut=B"]`` -> ``{"width": 0.5, "shortcut": "B"}``."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} must look like key=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common")
+    g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+
+
+def _add_data(p: argparse.ArgumentParser, required: bool = True, train: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        required=required,
+        help="data set: sample (built in), mnist, fashion-mnist, cifar10",
+    )
+    g.add_argument(
+        "--data-dir",
+        help="folder with one sub-folder per data set (default: $LOWBIT_DATA)",
+    )
+    if train:
+        g.add_argument(
+            "--limit-train",
+            type=_positive_int,
+            metavar="N",
+            help="use the first N training samples (after a fixed-seed shuffle)",
+        )
+    g.add_argument(
+        "--limit-test",
+        type=_positive_int,
+        metavar="N",
+        help="use the first N test samples (after a fixed-seed shuffle)",
+    )
+
+
+def _add_training(p: argparse.ArgumentParser, epochs: int = 10) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
+    g.add_argument("--batch-size", type=_positive_int, default=128, help="default 128")
+    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
+    g.add_argument("--lr", type=float, help="learning rate (default 0.1 SGD, 1e-3 Adam)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
+    g.add_argument("--warmup-epochs", type=float, default=0.0)
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="0 = off")
+    g.add_argument("--grad-clip", type=float, metavar="NORM", help="clip the gradient norm")
+    g.add_argument("--no-augment", action="store_true", help="no data augmentation")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
+        label_smoothing=args.label_smoothing,
+        mixup_alpha=args.mixup,
+        grad_clip=args.grad_clip,
+        augment=not args.no_augment,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from . import models
+
+    rows = []
+    for name in models.available():
+        shape = models.default_input_shape(name)
+        net = models.create(name)
+        rows.append(
+            {
+                "name": name,
+                "description": models.describe(name),
+                "input_shape": list(shape),
+                "params": models.count_params(net),
+                "macs": models.count_macs(net),
+            }
+        )
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{'model':<{width}}  {'input':>11}  {'params':>10}  {'MACs':>8}  description"]
+    for r in rows:
+        shape = "x".join(map(str, r["input_shape"]))
+        lines.append(
+            f"{r['name']:<{width}}  {shape:>11}  {r['params']:>10,}  "
+            f"{r['macs'] / 1e6:>7.1f}M  {r['description']}"
+        )
+    lines.append("Your own model: --model package.module:factory (called with num_classes=...).")
+    _emit(args, {"models": rows}, "\n".join(lines))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .workflow import train_model
+
+    out = args.out
+    resume = args.resume
+    if resume == "auto":
+        resume = os.path.join(out, "last.pt")
+        if not os.path.exists(resume):
+            raise FileNotFoundError(f"--resume: no checkpoint to resume from at {resume}")
+    result = train_model(
+        model=args.model,
+        data=args.data,
+        out=out,
+        config=_train_config(args),
+        data_dir=args.data_dir,
+        model_kwargs=_parse_kv(args.model_arg, "--model-arg"),
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        resume=resume,
+    )
+    acc = result["test_accuracy"]
+    text = (
+        f"{result['model']} on {result['data']}: test accuracy "
+        f"{100 * acc:.2f}% after {result['epochs']} epochs ({result['seconds']:.1f} s)\n"
+        f"checkpoint: {result['checkpoint']}"
+        if acc is not None
+        else f"checkpoint: {result['checkpoint']}"
+    )
+    _emit(args, result, text)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .workflow import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        data=args.data,
+        data_dir=args.data_dir,
+        limit_test=args.limit_test,
+        device=args.device,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    text = (
+        f"{result['model']} on {result['data']} ({result['test_samples']} test samples): "
+        f"accuracy {100 * result['test_accuracy']:.2f}%, loss {result['test_loss']:.4f}"
+    )
+    _emit(args, result, text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import format_table, run_demo
+
+    result = run_demo(out=args.out, epochs=args.epochs, seed=args.seed, quiet=args.quiet)
+    _emit(args, result, format_table(result))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lowbit",
+        description="Compress CNNs to binary, ternary and low-bit codes; run them fast on CPUs.",
+        epilog="Run 'lowbit COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("models", help="list the built-in models", description="List the zoo.")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "train",
+        help="train a full-precision model",
+        description="Train a zoo model (or package.module:factory) on a data set.",
+    )
+    p.add_argument("--model", required=True, help="zoo name (see 'lowbit models') or pkg.mod:fn")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="model option, e.g. width=0.5 (repeatable)",
+    )
+    p.add_argument("--out", required=True, help="output folder (checkpoints, config, log)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="CKPT",
+        help="continue a run (default: OUT/last.pt)",
+    )
+    _add_data(p)
+    _add_training(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint",
+        description="Test accuracy of a checkpoint (default: on the data set it was trained on).",
+    )
+    p.add_argument("--checkpoint", required=True, help="a .pt file written by lowbit")
+    p.add_argument("--batch-size", type=_positive_int, default=512)
+    _add_data(p, required=False, train=False)
+    _add_common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "demo",
+        help="train and compress a small model on the built-in sample, show the results",
+        description="A one-minute tour on the built-in MNIST sample (no download needed).",
+    )
+    p.add_argument("--out", default="lowbit-demo", help="output folder (default ./lowbit-demo)")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="epochs (default 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _configure_torch(args: argparse.Namespace) -> None:
+    threads = getattr(args, "threads", None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _JSON_FLAG[0] = "--json" in argv
+    # `--model mypkg.mod:factory` should find modules in the current folder, like `python -m`.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    want_json = bool(getattr(args, "json", False))
+
+    def fail(message: str, code: int = EXIT_ERROR, **extra: Any) -> int:
+        _stderr(f"lowbit {args.command}: error: {message}")
+        if want_json:
+            print(json.dumps({"error": message, **extra}), flush=True)
+        return code
+
+    try:
+        _configure_torch(args)
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except TrainingInterrupted as e:
+        hint = f"; resume with --resume {e.path}" if e.path else ""
+        return fail(f"{e}{hint}", EXIT_INTERRUPTED, checkpoint=e.path)
+    except KeyboardInterrupt:
+        return fail("interrupted", EXIT_INTERRUPTED)
+    except (LowbitError, ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        return fail(str(e))
+    except Exception as e:  # a bug: say so briefly, keep the traceback one variable away
+        if os.environ.get("LOWBIT_DEBUG"):
+            raise
+        return fail(
+            f"internal error ({type(e).__name__}: {e}); rerun with LOWBIT_DEBUG=1 for the "
+            "traceback and please report it"
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

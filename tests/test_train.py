@@ -1,0 +1,278 @@
+"""The trainer: schedules, NaN detection, checkpoints, exact resume, DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.errors import CheckpointError, TrainingError
+from lowbit.train import (
+    TrainConfig,
+    Trainer,
+    TrainHook,
+    build_from_checkpoint,
+    load_checkpoint,
+    lr_at,
+    save_checkpoint,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toy_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    noise = torch.randint(0, 156, (n, 1, 8, 8), generator=g)
+    images = (noise + 100 * labels.view(-1, 1, 1, 1)).to(torch.uint8)  # class 1 is brighter
+    return images, labels
+
+
+def _toy_model():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="unknown training options"):
+        TrainConfig.from_dict({"epochz": 3})
+
+
+def test_lr_schedules():
+    cos = TrainConfig(epochs=10, lr=1.0, schedule="cosine", warmup_epochs=1)
+    assert lr_at(cos, 0, 10) == pytest.approx(0.01 + 0.99 / 10)
+    assert lr_at(cos, 9, 10) == pytest.approx(1.0)
+    assert lr_at(cos, 10, 10) == pytest.approx(1.0)  # cosine starts at the base lr
+    assert lr_at(cos, 99, 10) < 0.01
+    step = TrainConfig(epochs=10, lr=1.0, schedule="step", milestones=(0.5,), gamma=0.1)
+    assert lr_at(step, 49, 10) == pytest.approx(1.0)
+    assert lr_at(step, 50, 10) == pytest.approx(0.1)
+    assert lr_at(TrainConfig(schedule="constant", lr=0.3), 1000, 10) == 0.3
+
+
+def test_training_learns_toy_problem():
+    images, labels = _toy_data(256)
+    cfg = TrainConfig(epochs=15, batch_size=32, lr=0.05, progress=False, weight_decay=0)
+    scale = lambda x, generator=None: x.float() / 255  # noqa: E731
+    trainer = Trainer(_toy_model(), cfg, train_transform=scale, test_transform=scale,
+                      log=lambda s: None)  # fmt: skip
+    result = trainer.fit((images, labels), (images, labels))
+    assert result.metrics["test_accuracy"] > 0.9
+    assert len(result.history) == 15
+
+
+def test_nan_loss_names_the_step():
+    class Poison(TrainHook):
+        def loss(self, trainer, loss, outputs, targets):
+            return loss * float("nan") if trainer.global_step == 2 else loss
+
+    cfg = TrainConfig(epochs=1, batch_size=8, progress=False)
+    trainer = Trainer(_toy_model(), cfg, hooks=[Poison()], log=lambda s: None)
+    with pytest.raises(TrainingError, match=r"nan at epoch 1, step 3 \(global step 3"):
+        trainer.fit(_toy_data(64))
+
+
+def test_hooks_are_called_and_saved(tmp_path):
+    class Counter(TrainHook):
+        def __init__(self):
+            self.steps = 0
+            self.epochs = []
+
+        def after_step(self, trainer):
+            self.steps += 1
+
+        def on_epoch_end(self, trainer, epoch, metrics):
+            self.epochs.append(epoch)
+            metrics["counted"] = self.steps
+
+        def state_dict(self):
+            return {"steps": self.steps}
+
+        def load_state_dict(self, state):
+            self.steps = state["steps"]
+
+    hook = Counter()
+    cfg = TrainConfig(epochs=2, batch_size=16, progress=False)
+    Trainer(_toy_model(), cfg, hooks=[hook], out_dir=tmp_path, log=lambda s: None).fit(
+        _toy_data(64), _toy_data(32, seed=1)
+    )
+    assert hook.steps == 8 and hook.epochs == [0, 1]
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["hooks"] == [{"steps": 8}]
+    assert ckpt["history"][-1]["counted"] == 8
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in log] == [1, 2]
+    assert (tmp_path / "best.pt").exists()
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="not a lowbit checkpoint"):
+        load_checkpoint(other)
+    newer = tmp_path / "newer.pt"
+    save_checkpoint(newer, {"model": {}, "state_dict": {}})
+    ck = torch.load(newer, weights_only=True)
+    ck["version"] = 99
+    torch.save(ck, newer)
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_checkpoint(newer)
+
+
+def test_checkpoint_refuses_foreign_pickles(tmp_path):
+    """weights_only=True: a checkpoint that would run code on load is refused."""
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "lowbit.checkpoint", "x": Evil()}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_build_from_checkpoint_roundtrip(tmp_path):
+    from lowbit import models
+
+    net = models.create("lenet300")
+    path = tmp_path / "c.pt"
+    save_checkpoint(
+        path,
+        {
+            "model": {"name": "lenet300", "kwargs": {}, "num_classes": 10,
+                      "input_shape": [1, 28, 28]},
+            "state_dict": net.state_dict(),
+        },
+    )  # fmt: skip
+    net2, _ = build_from_checkpoint(path)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(net.eval()(x), net2.eval()(x))
+
+
+SLOW_MODEL = """
+import time
+from lowbit import models
+
+def make(num_classes=10, input_shape=(1, 28, 28)):
+    net = models.create("lenet5", num_classes=num_classes, input_shape=input_shape)
+    forward = net.forward
+
+    def slow_forward(x):
+        if net.training:
+            time.sleep(0.03)  # slow enough that the interruption lands mid-epoch
+        return forward(x)
+
+    net.forward = slow_forward
+    return net
+"""
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "lowbit.cli", *args]
+
+
+def test_resume_after_ctrl_c_equals_uninterrupted_run(tmp_path):
+    """Ctrl-C mid-epoch saves a checkpoint; --resume then ends exactly where an
+    uninterrupted run with the same seed ends (bit-identical weights)."""
+    (tmp_path / "slowmod.py").write_text(SLOW_MODEL)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    common = ["train", "--model", "slowmod:make", "--data", "sample", "--limit-train", "480",
+              "--limit-test", "100", "--epochs", "3", "--batch-size", "32", "--threads", "1",
+              "--seed", "7", "--quiet", "--json"]  # fmt: skip
+    full = subprocess.run(
+        _cli(*common, "--out", "full"), cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert full.returncode == 0, full.stderr
+
+    proc = subprocess.Popen(
+        _cli(*common, "--out", "cut"), cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while not (tmp_path / "cut" / "last.pt").exists():  # end of epoch 1
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.02)
+    time.sleep(0.2)  # a few steps into epoch 2
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "resume with --resume" in err and "Traceback" not in err
+    assert "error" in json.loads(out)
+    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert (cut["epoch"], cut["step"] > 0) == (1, True), (cut["epoch"], cut["step"])
+
+    resumed = subprocess.run(
+        _cli(*common, "--out", "cut", "--resume"),
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"]
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert json.loads(resumed.stdout)["test_accuracy"] == json.loads(full.stdout)["test_accuracy"]
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+import torch.distributed as dist
+from lowbit import data, models, transforms
+from lowbit.train import TrainConfig, Trainer
+
+torch.set_num_threads(1)
+out = sys.argv[1]
+train = data.load("sample", "train").subset(256)
+test = data.load("sample", "test").subset(64)
+torch.manual_seed(0)
+net = models.create("lenet5")
+cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, progress=False)
+trainer = Trainer(net, cfg, out_dir=out, meta={"model": {"name": "lenet5", "kwargs": {}}},
+                  train_transform=transforms.train_transform("sample"),
+                  test_transform=transforms.test_transform("sample"))
+res = trainer.fit(train, test)
+flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+dist.all_gather(gathered, flat)
+if dist.get_rank() == 0:
+    json.dump({"world": dist.get_world_size(),
+               "max_diff": max((g - gathered[0]).abs().max().item() for g in gathered),
+               "steps": trainer.global_step, "acc": res.metrics["test_accuracy"]},
+              open(out + "/ddp.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_two_processes_train_the_same_model(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+           "--nproc-per-node", "2", str(script), str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "ddp.json").read_text())
+    assert res["world"] == 2
+    assert res["max_diff"] == 0.0  # the replicas stay identical
+    assert res["steps"] == 2 * (256 // 2 // 16)  # each rank saw half of the data per epoch
+    assert res["acc"] > 0.3
+    assert (out / "last.pt").exists()  # written by rank 0
+    assert not list(out.glob("*.tmp"))
