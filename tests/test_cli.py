@@ -1,0 +1,130 @@
+"""The command line: JSON contract, error behaviour, help, train -> eval."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowbit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_lists_the_zoo(capsys):
+    code, out, _ = run(capsys, "models", "--json")
+    assert code == 0
+    names = {m["name"] for m in json.loads(out)["models"]}
+    assert {"lenet300", "lenet5", "vgg_small", "resnet20", "resnet18", "mobilenetv2",
+            "mobilenetv2_224"} <= names  # fmt: skip
+
+
+@pytest.mark.parametrize("cmd", ["models", "train", "eval", "demo"])
+def test_help(cmd, capsys):
+    assert main([cmd, "--help"]) == 0
+    assert "usage: lowbit" in capsys.readouterr().out
+
+
+def test_train_then_eval_json(tmp_path, capsys):
+    code, out, err = run(
+        capsys, "train", "--model", "lenet5", "--data", "sample", "--epochs", "1",
+        "--limit-train", "256", "--limit-test", "128", "--out", str(tmp_path / "r"),
+        "--json", "--quiet", "--batch-size", "32",
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out)  # stdout is exactly one JSON object
+    assert 0.0 <= res["test_accuracy"] <= 1.0 and res["test_accuracy"] > 0.3
+    assert Path(res["checkpoint"]).is_file()
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["train"]["epochs"] == 1 and config["data"]["train_samples"] == 256
+    code, out, err = run(capsys, "eval", "--checkpoint", res["checkpoint"], "--json",
+                         "--limit-test", "128")  # fmt: skip
+    assert code == 0, err
+    ev = json.loads(out)
+    assert ev["test_accuracy"] == pytest.approx(res["test_accuracy"])
+    assert ev["checkpoint"] == res["checkpoint"] and ev["data"] == "sample"
+
+
+def test_unknown_model_is_a_clear_json_error(tmp_path, capsys):
+    code, out, err = run(capsys, "train", "--model", "no_such_net", "--data", "sample",
+                         "--out", str(tmp_path), "--json")  # fmt: skip
+    assert code != 0
+    msg = json.loads(out)["error"]
+    assert "no_such_net" in msg and "resnet20" in msg and "package.module:factory" in msg
+    assert "Traceback" not in err
+
+
+def test_unknown_dataset_lists_valid_names(tmp_path, capsys):
+    code, out, _ = run(capsys, "train", "--model", "lenet5", "--data", "imagenet",
+                       "--out", str(tmp_path), "--json")  # fmt: skip
+    assert code != 0
+    msg = json.loads(out)["error"]
+    assert "imagenet" in msg and "fashion-mnist" in msg and "cifar10" in msg
+
+
+def test_missing_data_root_says_how_to_point_at_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("LOWBIT_DATA", raising=False)
+    code, out, _ = run(capsys, "train", "--model", "lenet5", "--data", "mnist",
+                       "--out", str(tmp_path), "--json")  # fmt: skip
+    assert code != 0
+    msg = json.loads(out)["error"]
+    assert "--data-dir" in msg and "LOWBIT_DATA" in msg
+
+
+def test_usage_error_under_json_is_json(capsys):
+    code, out, err = run(capsys, "train", "--json", "--model", "lenet5")  # no --data/--out
+    assert code == 2
+    assert "error" in json.loads(out)
+    assert "required" in err
+
+
+def test_bad_model_arg(tmp_path, capsys):
+    code, out, _ = run(capsys, "train", "--model", "resnet20", "--model-arg", "widht=0.5",
+                       "--data", "sample", "--out", str(tmp_path), "--json")  # fmt: skip
+    assert code != 0 and "widht" in json.loads(out)["error"]
+
+
+def test_eval_missing_checkpoint(tmp_path, capsys):
+    code, out, _ = run(capsys, "eval", "--checkpoint", str(tmp_path / "x.pt"), "--json")
+    assert code != 0 and "not found" in json.loads(out)["error"]
+
+
+def test_eval_wrong_data_shape(tmp_path, capsys, shared_data):
+    code, out, err = run(
+        capsys, "train", "--model", "lenet5", "--data", "sample", "--epochs", "1",
+        "--limit-train", "64", "--limit-test", "32", "--out", str(tmp_path / "r"), "--json",
+        "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    ckpt = json.loads(out)["checkpoint"]
+    code, out, _ = run(capsys, "eval", "--checkpoint", ckpt, "--data", "cifar10", "--json",
+                       "--data-dir", str(shared_data), "--limit-test", "8")  # fmt: skip
+    assert code != 0 and "expects [1, 28, 28]" in json.loads(out)["error"]
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    """The real entry point, in a subprocess: error text only, non-zero exit."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowbit.cli", "eval", "--checkpoint", str(tmp_path / "nope.pt")],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "checkpoint not found" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_mnist_from_shared_data(tmp_path, capsys, shared_data):
+    code, out, err = run(
+        capsys, "train", "--model", "lenet300", "--data", "mnist", "--data-dir",
+        str(shared_data), "--epochs", "3", "--limit-train", "512", "--limit-test", "256",
+        "--out", str(tmp_path / "m"), "--json", "--quiet", "--batch-size", "32",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["test_accuracy"] > 0.5
