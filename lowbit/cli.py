@@ -48,7 +48,7 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], text: str | None = N
     from .utils import dumps
 
     if getattr(args, "json", False):
-        print(dumps(result, indent=2), flush=True)
+        print(dumps(result), flush=True)  # one line: easy to parse line by line
     elif text is not None:
         print(text, flush=True)
     else:
@@ -241,6 +241,75 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape_arg(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise ValueError(
+            f"--input-shape must look like 1,3,224,224 or 3,32,32, got {text!r}"
+        ) from None
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .cost import format_table
+    from .workflow import analyze_model
+
+    if args.checkpoint is None and args.model is None:
+        raise ValueError("give --model (with --method) or --checkpoint")
+    report = analyze_model(
+        args.model,
+        method=args.method,
+        model_kwargs=_parse_kv(args.model_arg, "--model-arg"),
+        input_shape=_shape_arg(args.input_shape),
+        convention=args.convention,
+        checkpoint=args.checkpoint,
+        method_options=_parse_kv(args.method_arg, "--method-arg"),
+    )
+    head = f"{report['method']} on {report['model']}, input {report['input_shape']}"
+    _emit(args, report, head + "\n" + format_table(report))
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .workflow import compress_model
+
+    fp_config = _train_config(args)
+    if args.fp_epochs is not None:
+        fp_config = replace(fp_config, epochs=args.fp_epochs)
+    qat_lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 1e-4)
+    qat_config = replace(_train_config(args), lr=qat_lr)
+    options = _parse_kv(args.method_arg, "--method-arg")
+    result = compress_model(
+        method=args.method,
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        config=qat_config,
+        data_dir=args.data_dir,
+        model_kwargs=_parse_kv(args.model_arg, "--model-arg"),
+        from_checkpoint=getattr(args, "from"),
+        fp_config=fp_config,
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        method_options=options,
+        convention=args.convention,
+        resume=args.resume,
+    )
+    text = (
+        f"{result['method']} on {result['model']}: test accuracy "
+        f"{100 * result['test_accuracy']:.2f}% (FP {100 * result['fp_test_accuracy']:.2f}%), "
+        f"storage {result['storage_bytes']:,.0f} B (x{result['compression_vs_fp32']:.1f} vs "
+        f"fp32), energy x{result['energy_vs_fp16']:.1f} vs fp16, density "
+        f"{result['density']:.3f}\nreport: {result['out']}/summary.md"
+    )
+    _emit(args, result, text)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
 
@@ -301,6 +370,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p, required=False, train=False)
     _add_common(p)
     p.set_defaults(func=cmd_eval)
+
+    from .cost import CONVENTIONS
+    from .recipes import METHODS, _load_methods
+
+    _load_methods()
+    methods = sorted(m for m in METHODS if m != "fp32")
+
+    p = sub.add_parser(
+        "analyze",
+        help="per-layer cost table: params, storage, MACs, BOPs, energy",
+        description="Cost of a zoo model under a method (shapes only) or of a checkpoint.",
+    )
+    p.add_argument("--model", help="zoo name or pkg.mod:fn")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model option")
+    p.add_argument("--method", choices=["fp32", *methods], default=None, help="default fp32")
+    p.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="method option")
+    p.add_argument("--checkpoint", help="analyze a trained (FP or compressed) checkpoint")
+    p.add_argument("--input-shape", help="C,H,W or 1,C,H,W (default: the model's own)")
+    p.add_argument("--convention", choices=CONVENTIONS, default="operand-width",
+                   help="energy accounting (default operand-width)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "compress",
+        help="compress a model with a method: FP model, QAT, cost report",
+        description=(
+            "Compress a model with one of the methods. Without --from the FP model is first "
+            "trained here with the same budget (--fp-epochs to change it). The QAT learning "
+            "rate defaults to 0.01 (SGD) or 1e-4 (Adam)."
+        ),
+    )
+    p.add_argument("--method", required=True, choices=methods, help="compression method")
+    p.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
+                   help="method option, e.g. packing=base3 (repeatable)")  # fmt: skip
+    p.add_argument("--model", required=True, help="zoo name or pkg.mod:fn")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model option")
+    p.add_argument("--from", metavar="FP_CKPT", help="start from this FP checkpoint")
+    p.add_argument("--fp-epochs", type=int, help="epochs of the FP run (default: --epochs)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted QAT run")
+    p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
+    _add_data(p)
+    _add_training(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser(
         "demo",

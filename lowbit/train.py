@@ -296,6 +296,12 @@ def build_from_checkpoint(ckpt: dict | str | os.PathLike) -> tuple[nn.Module, di
         )
     except KeyError as e:
         raise CheckpointError(f"checkpoint model description lacks {e}") from None
+    if ckpt.get("recipe"):  # a QAT checkpoint: rebuild the quantized layers first
+        from .recipes import Recipe, compress_
+
+        shape = spec.get("input_shape") or getattr(model, "default_input_shape", None)
+        example = torch.zeros(1, *shape) if shape else None
+        compress_(model, Recipe.from_dict(ckpt["recipe"]), example_input=example)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

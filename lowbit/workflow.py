@@ -203,3 +203,188 @@ def evaluate_checkpoint(
         "test_samples": len(test),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def analyze_model(
+    model: str,
+    method: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    convention: str = "operand-width",
+    checkpoint: str | os.PathLike | None = None,
+    method_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Cost report of a zoo model under a method's recipe (shapes only, no training), or of
+    a checkpoint (FP or QAT). ``input_shape`` is (C,H,W) or (1,C,H,W)."""
+    from . import models
+    from .cost import analyze
+    from .recipes import compress_, make_recipe
+
+    if checkpoint is not None:
+        net, ckpt = build_from_checkpoint(checkpoint)
+        model = ckpt["model"]["name"]
+        method = (ckpt.get("recipe") or {}).get("method", "fp32")
+    else:
+        net = models.create(model, **(model_kwargs or {}))
+        method = method or "fp32"
+        shape = _example_shape(net, input_shape)
+        compress_(net, make_recipe(method, **(method_options or {})), torch.zeros(1, *shape))
+    shape = _example_shape(net, input_shape)
+    report = analyze(net, torch.zeros(1, *shape), convention=convention)
+    return {"model": model, "method": method, **report}
+
+
+def _example_shape(net, input_shape) -> tuple[int, ...]:
+    if input_shape is not None:
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) == 4:
+            if shape[0] != 1:
+                raise ValueError(f"--input-shape: the batch must be 1, got {shape}")
+            shape = shape[1:]
+        if len(shape) != 3:
+            raise ValueError(f"--input-shape must be C,H,W or 1,C,H,W, got {input_shape}")
+        return shape
+    shape = getattr(net, "default_input_shape", None)
+    if shape is None:
+        raise ValueError("the model has no default input shape: pass --input-shape C,H,W")
+    return tuple(shape)
+
+
+def compress_model(
+    method: str,
+    model: str,
+    data: str,
+    out: str | os.PathLike,
+    config: TrainConfig,
+    data_dir: str | os.PathLike | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    from_checkpoint: str | os.PathLike | None = None,
+    fp_config: TrainConfig | None = None,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    method_options: dict[str, Any] | None = None,
+    convention: str = "operand-width",
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Compress a model with a method, end to end.
+
+    1. The FP model: ``from_checkpoint``, else trained here with ``fp_config`` (into
+       ``OUT/fp``).
+    2. ``compress_`` with the method's recipe, then QAT with ``config`` and the recipe's
+       hooks (into ``OUT/qat``; ``resume`` continues an interrupted QAT run).
+    3. The cost report (``OUT/cost.json``, ``OUT/cost.md``) and a summary
+       (``OUT/summary.md``, ``OUT/result.json``).
+    """
+    from . import data as data_mod
+    from .cost import analyze, format_table
+    from .recipes import compress_, make_recipe
+
+    out = Path(out)
+    model_kwargs = dict(model_kwargs or {})
+    recipe = make_recipe(method, **(method_options or {}))  # validate before any training
+    train_set, test_set = load_splits(data, data_dir, limit_train, limit_test, config.seed)
+    if from_checkpoint is None:
+        fp = train_model(
+            model, data, out / "fp", fp_config or config, data_dir, model_kwargs,
+            limit_train, limit_test,
+        )  # fmt: skip
+        from_checkpoint = fp["checkpoint"]
+    net, ckpt = build_from_checkpoint(from_checkpoint)
+    if ckpt.get("recipe"):
+        raise ValueError(f"--from {from_checkpoint} is already compressed; give an FP checkpoint")
+    want = ckpt["model"].get("input_shape")
+    if want and list(train_set.shape) != list(want):
+        raise ValueError(
+            f"{from_checkpoint} was trained on inputs of shape {want}, data set {data} has "
+            f"{list(train_set.shape)}"
+        )
+    dmeta = data_meta(train_set)
+    train_tf, test_tf = transforms_for(dmeta, augment=config.augment)
+    dev = resolve_device(config.device)
+    fp_acc = evaluate(net.to(dev), test_set, test_tf, config.eval_batch_size, dev)
+    example = torch.zeros(1, *train_set.shape)
+    compress_(net.cpu(), recipe, example)
+    meta = {
+        "model": ckpt["model"],
+        "data": dmeta,
+        "lowbit_version": __version__,
+        "recipe": recipe.to_dict(),
+        "fp_checkpoint": str(from_checkpoint),
+        "fp_test_accuracy": fp_acc["test_accuracy"],
+    }
+    qat_dir = out / "qat"
+    trainer = Trainer(
+        net, config, hooks=recipe.hooks(net), out_dir=qat_dir, meta=meta,
+        train_transform=train_tf, test_transform=test_tf,
+    )  # fmt: skip
+    resume_from = qat_dir / "last.pt" if resume and (qat_dir / "last.pt").exists() else None
+    if trainer.is_main:
+        write_json(
+            out / "config.json",
+            {
+                "command": "compress",
+                "method": method,
+                "recipe": recipe.to_dict(),
+                "model": ckpt["model"],
+                "data": {**dmeta, "limit_train": limit_train, "limit_test": limit_test,
+                         "data_dir": str(data_dir) if data_dir else None},
+                "from": str(from_checkpoint),
+                "qat": asdict(config),
+                "fp": asdict(fp_config) if fp_config else None,
+                "convention": convention,
+                "environment": environment(),
+            },
+        )  # fmt: skip
+    result = trainer.fit(train_set, test_set, resume=resume_from)
+    net = trainer.model.cpu()
+    report = analyze(net, example, convention=convention)
+    report = {"model": ckpt["model"]["name"], "method": method, **report}
+    summary = {
+        "method": method,
+        "model": ckpt["model"]["name"],
+        "data": data_mod.canonical_name(data),
+        "test_accuracy": result.metrics.get("test_accuracy"),
+        "fp_test_accuracy": fp_acc["test_accuracy"],
+        "storage_bytes": report["totals"]["storage_bytes"],
+        "fp32_storage_bytes": report["baselines"]["fp32_storage_bytes"],
+        "compression_vs_fp32": report["ratios"]["storage_vs_fp32"],
+        "storage_vs_fp16": report["ratios"]["storage_vs_fp16"],
+        "energy_pj": report["totals"]["energy_pj"],
+        "energy_vs_fp16": report["ratios"]["energy_vs_fp16"],
+        "energy_vs_fp32": report["ratios"]["energy_vs_fp32"],
+        "bops": report["totals"]["bops"],
+        "density": report["totals"]["density"],
+        "convention": convention,
+        "epochs": trainer.epoch,
+        "seconds": round(sum(m.get("seconds", 0.0) for m in result.history), 3),
+        "checkpoint": result.checkpoint,
+        "fp_checkpoint": str(from_checkpoint),
+        "out": str(out),
+        "seed": config.seed,
+    }
+    if trainer.is_main:
+        write_json(out / "cost.json", report)
+        (out / "cost.md").write_text(f"# Cost report: {method} on {summary['model']}\n\n```\n"
+                                     f"{format_table(report)}\n```\n")  # fmt: skip
+        (out / "summary.md").write_text(_summary_md(summary))
+        write_json(out / "result.json", summary)
+    return summary
+
+
+def _summary_md(s: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"# {s['method']} on {s['model']} ({s['data']})",
+            "",
+            "| | value |",
+            "|---|---|",
+            f"| test accuracy (compressed) | {100 * s['test_accuracy']:.2f}% |",
+            f"| test accuracy (FP) | {100 * s['fp_test_accuracy']:.2f}% |",
+            f"| storage | {s['storage_bytes']:,.0f} B (x{s['compression_vs_fp32']:.2f} vs fp32) |",
+            f"| energy | {s['energy_pj']:.4g} pJ (x{s['energy_vs_fp16']:.2f} vs fp16, "
+            f"{s['convention']}) |",
+            f"| density | {s['density']:.3f} |",
+            f"| QAT epochs / seconds | {s['epochs']} / {s['seconds']:.0f} |",
+            "",
+        ]
+    )

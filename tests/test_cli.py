@@ -128,3 +128,43 @@ def test_mnist_from_shared_data(tmp_path, capsys, shared_data):
     )  # fmt: skip
     assert code == 0, err
     assert json.loads(out)["test_accuracy"] > 0.5
+
+
+def test_analyze_json_keys(capsys):
+    code, out, err = run(capsys, "analyze", "--model", "mobilenetv2_224", "--method", "prom",
+                         "--input-shape", "1,3,224,224", "--json")  # fmt: skip
+    assert code == 0, err
+    rep = json.loads(out)
+    for key in ("energy_pj", "storage_bytes"):
+        assert rep["totals"][key] > 0
+    for key in ("energy_vs_fp16", "storage_vs_fp16", "storage_vs_fp32"):
+        assert rep["ratios"][key] > 1
+    assert rep["convention"] == "operand-width"
+
+
+def test_compress_prom_end_to_end(tmp_path, capsys):
+    code, out, err = run(
+        capsys, "compress", "--method", "prom", "--model", "mobilenetv2", "--model-arg",
+        "width=0.25", "--data", "sample", "--epochs", "1", "--limit-train", "64",
+        "--limit-test", "32", "--batch-size", "32", "--out", str(tmp_path / "c"), "--json",
+        "--quiet",
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out)
+    for key in ("method", "model", "test_accuracy", "fp_test_accuracy", "storage_bytes",
+                "compression_vs_fp32", "energy_vs_fp16", "density", "out"):  # fmt: skip
+        assert res[key] is not None, key
+    assert res["compression_vs_fp32"] > 4 and res["energy_vs_fp16"] > 10
+    assert 0 < res["density"] < 1  # ternary pointwise weights have zeros
+    for f in ("cost.json", "cost.md", "summary.md", "qat/last.pt", "fp/last.pt"):
+        assert (tmp_path / "c" / f).exists(), f
+    code, out, err = run(capsys, "eval", "--checkpoint", res["checkpoint"], "--json",
+                         "--limit-test", "32")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["test_accuracy"] == pytest.approx(res["test_accuracy"])
+
+
+def test_compress_unknown_method(tmp_path, capsys):
+    code, out, err = run(capsys, "compress", "--method", "magic", "--model", "lenet5",
+                         "--data", "sample", "--out", str(tmp_path), "--json")  # fmt: skip
+    assert code == 2 and "invalid choice" in json.loads(out)["error"]

@@ -1,0 +1,1 @@
+"""The five compression methods, one module per paper; each registers its recipe."""
