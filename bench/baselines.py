@@ -42,12 +42,12 @@ RUNS: dict[str, dict] = {
     ),
     "resnet20-cifar10": dict(
         model="resnet20", kwargs={}, data="cifar10", limit_train=None,
-        config=dict(epochs=12, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4,
+        config=dict(epochs=10, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4,
                     warmup_epochs=1),
     ),
     "mobilenetv2-w0.5-cifar10": dict(
         model="mobilenetv2", kwargs={"width": 0.5}, data="cifar10", limit_train=None,
-        config=dict(epochs=6, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=4e-5,
+        config=dict(epochs=5, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=4e-5,
                     warmup_epochs=1),
     ),
 }  # fmt: skip

@@ -13,36 +13,72 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cost import analyze
 from .train import TrainConfig
-from .workflow import train_model
+from .workflow import compress_model, train_model
+
+
+def _config(epochs: int, seed: int, quiet: bool, lr: float) -> TrainConfig:
+    return TrainConfig(
+        epochs=epochs, batch_size=64, optimizer="sgd", lr=lr, weight_decay=5e-4,
+        schedule="cosine", seed=seed, progress=not quiet,
+    )  # fmt: skip
 
 
 def _fp_row(out: Path, epochs: int, seed: int, quiet: bool) -> dict[str, Any]:
-    from . import models
     from .train import build_from_checkpoint
 
-    config = TrainConfig(
-        epochs=epochs, batch_size=64, optimizer="sgd", lr=0.05, weight_decay=5e-4,
-        schedule="cosine", seed=seed, progress=not quiet,
-    )  # fmt: skip
-    result = train_model("lenet5", "sample", out / "fp-lenet5", config)
+    result = train_model("lenet5", "sample", out / "fp-lenet5", _config(epochs, seed, quiet, 0.05))
     net, _ = build_from_checkpoint(result["checkpoint"])
-    params = models.count_params(net)
+    report = analyze(net)
     return {
         "method": "fp32",
         "model": "lenet5",
         "test_accuracy": result["test_accuracy"],
-        "params": params,
-        "storage_bytes": 4 * params,
-        "compression_vs_fp32": 1.0,
+        "fp_test_accuracy": result["test_accuracy"],
+        "params": report["totals"]["params"],
+        "storage_bytes": report["totals"]["storage_bytes"],
+        "compression_vs_fp32": report["ratios"]["storage_vs_fp32"],
+        "energy_vs_fp16": report["ratios"]["energy_vs_fp16"],
+        "density": report["totals"]["density"],
         "seconds": result["seconds"],
         "checkpoint": result["checkpoint"],
     }
 
 
+def _method_row(method: str, model: str, **options):
+    """A demo row that trains ``model`` in FP, then compresses it with ``method``."""
+
+    def row(out: Path, epochs: int, seed: int, quiet: bool) -> dict[str, Any]:
+        from . import models
+
+        res = compress_model(
+            method, model, "sample", out / f"{method}-{model}",
+            config=_config(epochs, seed, quiet, 0.01),
+            fp_config=_config(epochs, seed, quiet, 0.1),
+            method_options=options,
+        )  # fmt: skip
+        return {
+            "method": method,
+            "model": model,
+            "test_accuracy": res["test_accuracy"],
+            "fp_test_accuracy": res["fp_test_accuracy"],
+            "params": models.count_params(models.create(model)),
+            "storage_bytes": res["storage_bytes"],
+            "compression_vs_fp32": res["compression_vs_fp32"],
+            "energy_vs_fp16": res["energy_vs_fp16"],
+            "density": res["density"],
+            "seconds": res["seconds"],
+            "checkpoint": res["checkpoint"],
+        }
+
+    return row
+
+
 #: (name, function) pairs run in order; later issues append their method's row.
 DEMO_ROWS: list[tuple[str, Callable[[Path, int, int, bool], dict[str, Any]]]] = [
     ("fp32", _fp_row),
+    ("prom", _method_row("prom", "mobilenet_tiny")),
 ]
 
 
@@ -65,7 +101,8 @@ def run_demo(
 
 def format_table(result: dict[str, Any]) -> str:
     """The demo's result table as aligned text."""
-    head = ["method", "model", "test acc", "params", "storage", "vs fp32", "train s"]
+    head = ["method", "model", "test acc", "FP acc", "params", "storage", "vs fp32",
+            "energy vs fp16", "density", "train s"]  # fmt: skip
     lines = [head]
     for r in result["rows"]:
         lines.append(
@@ -73,9 +110,12 @@ def format_table(result: dict[str, Any]) -> str:
                 r["method"],
                 r["model"],
                 f"{100 * r['test_accuracy']:.2f}%",
+                f"{100 * r['fp_test_accuracy']:.2f}%",
                 f"{r['params']:,}",
                 _human_bytes(r["storage_bytes"]),
                 f"x{r['compression_vs_fp32']:.1f}",
+                f"x{r['energy_vs_fp16']:.2f}",
+                f"{r['density']:.2f}",
                 f"{r['seconds']:.1f}",
             ]
         )
@@ -87,7 +127,10 @@ def format_table(result: dict[str, Any]) -> str:
     text.insert(1, "  ".join("-" * w for w in widths))
     note = (
         f"\nBuilt-in MNIST sample (6,000 train / 1,000 test digits), {result['epochs']} epochs, "
-        f"seed {result['seed']}; {result['seconds']:.0f} s in all. Outputs in {result['out']}/"
+        f"seed {result['seed']}; {result['seconds']:.0f} s in all. Outputs in {result['out']}/\n"
+        "Compressed rows: FP training, then QAT with the method (train s = the QAT part); "
+        "storage and energy ratios are baseline over lowbit (energy: operand-width "
+        "convention, Horowitz 45 nm)."
     )
     return "\n".join(text) + note
 

@@ -17,6 +17,7 @@ from lowbit.models import ModelError
 ZOO = [
     "lenet300",
     "lenet5",
+    "mobilenet_tiny",
     "mobilenetv2",
     "mobilenetv2_224",
     "resnet18",

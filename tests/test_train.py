@@ -166,16 +166,23 @@ def test_build_from_checkpoint_roundtrip(tmp_path):
 
 
 SLOW_MODEL = """
-import time
+import os, time
+from pathlib import Path
 from lowbit import models
 
 def make(num_classes=10, input_shape=(1, 28, 28)):
     net = models.create("lenet5", num_classes=num_classes, input_shape=input_shape)
     forward = net.forward
+    calls = [0]
 
     def slow_forward(x):
+        # With PAUSE_AT=n, the n-th training forward pass announces itself through a
+        # flag file and then waits, so the test interrupts at a known step.
         if net.training:
-            time.sleep(0.03)  # slow enough that the interruption lands mid-epoch
+            calls[0] += 1
+            if calls[0] == int(os.environ.get("PAUSE_AT", "0")):
+                Path("paused.flag").write_text("1")
+                time.sleep(60)
         return forward(x)
 
     net.forward = slow_forward
@@ -200,22 +207,22 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(tmp_path):
     )
     assert full.returncode == 0, full.stderr
 
+    # 480 / 32 = 15 steps per epoch: pause (and interrupt) on step 3 of epoch 2
     proc = subprocess.Popen(
-        _cli(*common, "--out", "cut"), cwd=tmp_path, env=env,
+        _cli(*common, "--out", "cut"), cwd=tmp_path, env={**env, "PAUSE_AT": "18"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 120
-    while not (tmp_path / "cut" / "last.pt").exists():  # end of epoch 1
+    while not (tmp_path / "paused.flag").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
         time.sleep(0.02)
-    time.sleep(0.2)  # a few steps into epoch 2
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "resume with --resume" in err and "Traceback" not in err
     assert "error" in json.loads(out)
     cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
-    assert (cut["epoch"], cut["step"] > 0) == (1, True), (cut["epoch"], cut["step"])
+    assert (cut["epoch"], cut["step"]) == (1, 2), (cut["epoch"], cut["step"])
 
     resumed = subprocess.run(
         _cli(*common, "--out", "cut", "--resume"),

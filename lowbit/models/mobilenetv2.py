@@ -23,7 +23,14 @@ from torch import Tensor, nn
 from .registry import ModelError, opt_float, register
 from .resnet import Add
 
-__all__ = ["InvertedResidual", "MobileNetV2", "make_divisible", "mobilenetv2", "mobilenetv2_224"]
+__all__ = [
+    "InvertedResidual",
+    "MobileNetV2",
+    "make_divisible",
+    "mobilenet_tiny",
+    "mobilenetv2",
+    "mobilenetv2_224",
+]
 
 # t (expansion), c (output channels), n (repeats), s (stride of the first repeat)
 IMAGENET_CFG = (
@@ -90,10 +97,12 @@ class MobileNetV2(nn.Module):
         cfg=IMAGENET_CFG,
         stem_stride: int = 2,
         dropout: float = 0.2,
+        stem_channels: int = 32,
+        last_channels: int = 1280,
     ):
         super().__init__()
-        cin = make_divisible(32 * width)
-        self.last_channels = make_divisible(1280 * max(1.0, width))
+        cin = make_divisible(stem_channels * width)
+        self.last_channels = make_divisible(last_channels * max(1.0, width))
         layers: list[nn.Module] = [_conv_bn(input_shape[0], cin, 3, stem_stride)]
         for t, c, n, s in cfg:
             cout = make_divisible(c * width)
@@ -171,4 +180,32 @@ def mobilenetv2_224(
         cfg=IMAGENET_CFG,
         stem_stride=2,
         dropout=_dropout(dropout),
+    )
+
+
+# A small MobileNet-style net for quick runs (the demo's PROM row, tests): the same
+# inverted-residual blocks, three short stages, a 128-channel head.
+TINY_CFG = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2))
+
+
+@register(
+    "mobilenet_tiny",
+    "small MobileNetV2-style net (3 stages of inverted residuals) for quick runs and the demo",
+    input_shape=(1, 28, 28),
+)
+def mobilenet_tiny(
+    num_classes: int = 10,
+    input_shape: tuple[int, int, int] = (1, 28, 28),
+    width: float = 1.0,
+) -> MobileNetV2:
+    """``width``: channel multiplier (rounded to multiples of 8)."""
+    return MobileNetV2(
+        num_classes,
+        input_shape,
+        width=opt_float("width", width),
+        cfg=TINY_CFG,
+        stem_stride=1,
+        dropout=0.0,
+        stem_channels=16,
+        last_channels=128,
     )
