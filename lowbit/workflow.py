@@ -6,6 +6,7 @@ do, returning dictionaries instead of printing.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -337,6 +338,10 @@ def compress_model(
         )  # fmt: skip
     result = trainer.fit(train_set, test_set, resume=resume_from)
     net = trainer.model.cpu()
+    frozen_info: dict[str, Any] = {}
+    if trainer.is_main:
+        fmeta = {**meta, "input_shape": list(train_set.shape)}
+        frozen_info = freeze_and_pack(net, example, test_set, test_tf, out / "model.lowbit", fmeta)
     report = analyze(net, example, convention=convention)
     report = {"model": ckpt["model"]["name"], "method": method, **report}
     summary = {
@@ -355,6 +360,7 @@ def compress_model(
         "bops": report["totals"]["bops"],
         "density": report["totals"]["density"],
         "convention": convention,
+        **frozen_info,
         "epochs": trainer.epoch,
         "seconds": round(sum(m.get("seconds", 0.0) for m in result.history), 3),
         "checkpoint": result.checkpoint,
@@ -371,6 +377,44 @@ def compress_model(
     return summary
 
 
+@torch.no_grad()
+def frozen_agreement(net, frozen, data, transform, batch_size: int = 500) -> dict[str, float]:
+    """How often the frozen model predicts what the QAT model predicts on ``data``, and
+    both accuracies."""
+    from .train import _as_tensors
+
+    images, labels = _as_tensors(data)
+    net.eval()
+    same = correct_q = correct_f = 0
+    for i in range(0, len(images), batch_size):
+        x = transform(images[i : i + batch_size]) if transform else images[i : i + batch_size]
+        y = labels[i : i + batch_size]
+        pq = net(x).argmax(1)
+        pf = frozen(x).argmax(1)
+        same += int((pq == pf).sum())
+        correct_q += int((pq == y).sum())
+        correct_f += int((pf == y).sum())
+    n = max(1, len(images))
+    return {"agreement": same / n, "qat_accuracy": correct_q / n, "frozen_accuracy": correct_f / n}
+
+
+def freeze_and_pack(net, example, test_set, test_tf, path: Path, meta: dict) -> dict[str, Any]:
+    """Freeze ``net``, check it against the QAT model on ``test_set``, write the packed
+    file. Returns the figures the compress result reports."""
+    from .freeze import freeze
+    from .packfile import save
+
+    frozen = freeze(net, example, meta=json.loads(json.dumps(meta, default=str)))
+    check = frozen_agreement(net, frozen, test_set, test_tf)
+    saved = save(frozen, path)
+    return {
+        "frozen_agreement": check["agreement"],
+        "frozen_test_accuracy": check["frozen_accuracy"],
+        "packed": saved["path"],
+        "packed_bytes": saved["bytes"],
+    }
+
+
 def _summary_md(s: dict[str, Any]) -> str:
     return "\n".join(
         [
@@ -384,6 +428,8 @@ def _summary_md(s: dict[str, Any]) -> str:
             f"| energy | {s['energy_pj']:.4g} pJ (x{s['energy_vs_fp16']:.2f} vs fp16, "
             f"{s['convention']}) |",
             f"| density | {s['density']:.3f} |",
+            f"| packed file | {s.get('packed_bytes', 0):,} B ({s.get('packed')}) |",
+            f"| frozen vs QAT predictions | {100 * s.get('frozen_agreement', 0):.2f}% the same |",
             f"| QAT epochs / seconds | {s['epochs']} / {s['seconds']:.0f} |",
             "",
         ]

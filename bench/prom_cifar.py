@@ -1,0 +1,125 @@
+"""PROM on MobileNetV2 (CIFAR-10): accuracy against the FP model with the same budget.
+
+The budget of the FP baseline in ``bench/results/baselines.json``
+(``mobilenetv2-w0.5-cifar10``: 5 epochs at width 0.5) is split here into FP epochs then
+PROM QAT epochs (default 3 + 2), so both models see the same number of training
+epochs. Then the QAT model is frozen and the frozen model's predictions are compared
+with the QAT model's on the whole test set. Resumable: rerun to continue.
+
+    LOWBIT_DATA=../shared/data python bench/prom_cifar.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from lowbit.train import TrainConfig, load_checkpoint  # noqa: E402
+from lowbit.utils import write_json  # noqa: E402
+from lowbit.workflow import compress_model, train_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--fp-epochs", type=int, default=3)
+    ap.add_argument("--qat-epochs", type=int, default=2)
+    ap.add_argument("--qat-lr", type=float, default=0.01)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs-dir", default=str(HERE / "runs" / "prom-cifar"))
+    args = ap.parse_args()
+    if not os.environ.get("LOWBIT_DATA"):
+        sys.exit("set LOWBIT_DATA to the folder holding cifar10/")
+    torch.set_num_threads(args.threads)
+    root = Path(args.runs_dir)
+    progress = sys.stderr.isatty()
+    fp_cfg = TrainConfig(epochs=args.fp_epochs, batch_size=128, optimizer="sgd", lr=0.1,
+                         weight_decay=4e-5, warmup_epochs=1, seed=args.seed,
+                         progress=progress)  # fmt: skip
+    fp_dir = root / "fp"
+    resume = fp_dir / "last.pt" if (fp_dir / "last.pt").exists() else None
+    t0 = time.perf_counter()
+    done = resume is not None and load_checkpoint(resume).get("epoch", 0) >= args.fp_epochs
+    if done:
+        fp_ckpt = str(resume)
+    else:
+        fp = train_model("mobilenetv2", "cifar10", fp_dir, fp_cfg,
+                         model_kwargs={"width": args.width}, resume=resume)  # fmt: skip
+        fp_ckpt = fp["checkpoint"]
+    qat_cfg = TrainConfig(epochs=args.qat_epochs, batch_size=128, optimizer="sgd",
+                          lr=args.qat_lr, weight_decay=4e-5, seed=args.seed,
+                          progress=progress)  # fmt: skip
+    res = compress_model("prom", "mobilenetv2", "cifar10", root / "prom", qat_cfg,
+                         from_checkpoint=fp_ckpt, resume=True)  # fmt: skip
+    baselines = json.loads((HERE / "results" / "baselines.json").read_text())
+    base = baselines.get("mobilenetv2-w0.5-cifar10", {})
+    out = {
+        "command": "LOWBIT_DATA=../shared/data python bench/prom_cifar.py "
+        f"--width {args.width} --fp-epochs {args.fp_epochs} --qat-epochs {args.qat_epochs}",
+        "model": f"mobilenetv2, width={args.width}",
+        "data": "cifar10 (50,000 train / 10,000 test)",
+        "seed": args.seed,
+        "threads": args.threads,
+        "fp_epochs": args.fp_epochs,
+        "qat_epochs": args.qat_epochs,
+        "fp_start_test_accuracy": res["fp_test_accuracy"],
+        "prom_test_accuracy": res["test_accuracy"],
+        "prom_qat_seconds": res["seconds"],
+        "same_budget_fp_test_accuracy": base.get("test_accuracy"),
+        "same_budget_fp_epochs": base.get("epochs"),
+        "frozen_agreement": res.get("frozen_agreement"),
+        "frozen_test_accuracy": res.get("frozen_test_accuracy"),
+        "storage_bytes": res["storage_bytes"],
+        "compression_vs_fp32": res["compression_vs_fp32"],
+        "energy_vs_fp16": res["energy_vs_fp16"],
+        "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
+    }
+    write_json(HERE / "results" / "prom_cifar.json", out)
+    gap = None
+    if out["same_budget_fp_test_accuracy"] is not None:
+        gap = 100 * (out["same_budget_fp_test_accuracy"] - out["prom_test_accuracy"])
+    lines = [
+        "# PROM on MobileNetV2, CIFAR-10",
+        "",
+        f"Command: `{out['command']}` (seed {args.seed}, {args.threads} threads, CPU).",
+        "",
+        "| model | epochs | test acc |",
+        "|---|---|---|",
+        f"| FP (start of QAT) | {args.fp_epochs} | {100 * out['fp_start_test_accuracy']:.2f}% |",
+        f"| PROM QAT (ternary 1x1, int8 rest) | {args.fp_epochs} FP + {args.qat_epochs} QAT | "
+        f"{100 * out['prom_test_accuracy']:.2f}% |",
+    ]
+    if gap is not None:
+        lines.append(
+            f"| FP, same budget (bench/results/baselines.json) | {out['same_budget_fp_epochs']} | "
+            f"{100 * out['same_budget_fp_test_accuracy']:.2f}% |"
+        )
+    lines += [""]
+    if gap is not None:
+        lines.append(f"Gap to the same-budget FP model: {gap:.2f} points.")
+    if out["frozen_agreement"] is not None:
+        lines.append(
+            f"Frozen model vs QAT model: same prediction on {100 * out['frozen_agreement']:.2f}% "
+            f"of the test set (frozen accuracy {100 * out['frozen_test_accuracy']:.2f}%)."
+        )
+    lines.append(
+        f"Storage {out['storage_bytes']:,.0f} B (x{out['compression_vs_fp32']:.2f} vs fp32), "
+        f"energy x{out['energy_vs_fp16']:.2f} vs fp16 (operand-width convention); "
+        f"QAT {out['prom_qat_seconds']:.0f} s."
+    )
+    (HERE / "results" / "prom_cifar.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

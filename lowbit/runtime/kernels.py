@@ -1,0 +1,877 @@
+"""Low-level CPU kernels of the lowbit runtime (numba), numpy arrays in and out.
+
+Conventions (shared with the freezer and the Engine):
+
+* Activations are NHWC, ``uint8`` (after ReLU, 0..255) or ``int8`` (-127..127), zero
+  point 0. Padding contributes 0.
+* Conv weights are ``int8`` codes laid out ``[O, kh, kw, C_in // groups]``; linear
+  weights ``[O, K]``. Accumulators are ``int32``.
+* Binary activations/weights are ``{-1, +1}`` packed along channels into ``uint64`` words
+  (bit ``c % 64`` of word ``c // 64`` is 1 for +1; unused high bits are 0).
+
+Integer GEMM. Every int8/uint8 x int8 product (pointwise convs, linear layers, general
+convs through an im2col buffer, ternary weights) runs one GEMM ``acc[p, o] =
+sum_k x[p, k] * w[o, k]``. On CPUs with AVX512-VNNI or AVX-VNNI its micro-kernel is written
+directly in LLVM IR (a numba ``@intrinsic``) around ``vpdpbusd``: a tile of ``_MR`` pixels x
+16 output channels lives in 12 ymm registers, each step broadcasts 4 input bytes of a pixel
+and multiply-adds them against 4 bytes x 8 channels of pre-packed weights. ``vpdpbusd``
+multiplies *unsigned* by *signed* bytes, so int8 activations are shifted to uint8 by
+``x ^ 0x80`` (= x + 128) and ``128 * sum_k w[o, k]`` is subtracted through the accumulator's
+initial value (padding then becomes 128, so it still contributes 0 after the correction).
+Other CPUs get a plain numba GEMM (same results, several times slower).
+
+Weights are repacked once with :func:`prepare_conv` / :func:`prepare_linear` /
+:func:`pack_ternary`; the conv functions also accept raw codes (packed on every call).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import llvmlite.binding as _llvm
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+__all__ = [
+    "HAS_VNNI",
+    "PackedConv",
+    "conv2d_binary",
+    "conv2d_int",
+    "conv2d_ternary",
+    "dequant",
+    "get_threads",
+    "linear_binary",
+    "linear_int",
+    "linear_ternary",
+    "pack_binary_weights",
+    "pack_signs",
+    "pack_ternary",
+    "prepare_conv",
+    "prepare_linear",
+    "requant",
+    "set_threads",
+]
+
+
+def _detect_vnni() -> bool:
+    if os.environ.get("LOWBIT_NO_VNNI", "") not in ("", "0"):
+        return False
+    try:
+        feats = _llvm.get_host_cpu_features()
+    except Exception:  # pragma: no cover - exotic platforms
+        return False
+    return bool(feats.get("avxvnni")) or bool(feats.get("avx512vnni") and feats.get("avx512vl"))
+
+
+HAS_VNNI: bool = _detect_vnni()
+"""True when the int8 GEMM uses the ``vpdpbusd`` micro-kernel (set LOWBIT_NO_VNNI=1 to
+force the portable numba GEMM)."""
+
+_MR = 6  # pixels per GEMM tile (rows); a tile covers 8 * NV output channels
+
+
+# ---------------------------------------------------------------------------------------
+# threads
+
+
+def set_threads(n: int) -> None:
+    """Number of threads the kernels use (numba's thread pool; 1..NUMBA_NUM_THREADS)."""
+    n = int(n)
+    if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(f"threads must be in [1, {numba.config.NUMBA_NUM_THREADS}], got {n}")
+    numba.set_num_threads(n)
+
+
+def get_threads() -> int:
+    return numba.get_num_threads()
+
+
+# ---------------------------------------------------------------------------------------
+# LLVM intrinsics: popcount, and the VNNI GEMM micro-kernel
+
+
+@intrinsic
+def _popc(typingctx, v_t):
+    """Population count of a 64-bit integer (LLVM ctpop: popcnt / vpopcntq)."""
+    if not isinstance(v_t, types.Integer) or v_t.bitwidth != 64:
+        return None
+    sig = types.int64(v_t)
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [i64])
+        return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
+def _make_vnni_tile(mr: int, nv: int):
+    """An intrinsic computing one ``mr x (8*nv)`` int32 tile of ``x @ w.T``.
+
+    ``tile(x, xoff, xstride, w, woff, wvstride, k4, init, ioff, out, ooff, ostride)``:
+    ``x`` uint8 rows (``xstride`` bytes apart, starting at byte ``xoff``), ``w`` the packed
+    weights: for each of the ``nv`` 8-channel blocks (``wvstride`` bytes apart, first at
+    ``woff``) ``k4`` groups of 32 bytes ``[8 channels][4 k]``; ``init`` (int32, element
+    ``ioff``) the accumulators' initial values per channel; results stored to ``out``
+    (int32, element ``ooff``, rows ``ostride`` elements apart). All arrays C-contiguous.
+    """
+
+    @intrinsic
+    def tile(
+        typingctx, x_t, xoff_t, xs_t, w_t, woff_t, wvs_t, k4_t, i_t, ioff_t, o_t, ooff_t, os_t
+    ):
+        ip = types.intp
+        sig = types.void(x_t, ip, ip, w_t, ip, ip, ip, i_t, ip, o_t, ip, ip)
+
+        def codegen(context, builder, sig, args):
+            x, xoff, xs, w, woff, wvs, k4, init, ioff, out, ooff, ostride = args
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            i64 = ir.IntType(64)
+            v8 = ir.VectorType(i32, 8)
+            v8p = v8.as_pointer()
+
+            def data(ty, val):
+                return context.make_array(ty)(context, builder, val).data
+
+            xb = builder.gep(builder.bitcast(data(sig.args[0], x), i8p), [xoff])
+            wb = builder.gep(builder.bitcast(data(sig.args[3], w), i8p), [woff])
+            ib = builder.gep(builder.bitcast(data(sig.args[7], init), i32.as_pointer()), [ioff])
+            ob = builder.gep(builder.bitcast(data(sig.args[9], out), i32.as_pointer()), [ooff])
+            fn = builder.module.declare_intrinsic(
+                "llvm.x86.avx512.vpdpbusd.256", fnty=ir.FunctionType(v8, [v8, v8, v8])
+            )
+
+            def c64(v):
+                return ir.Constant(i64, v)
+
+            inits = []
+            for v in range(nv):
+                ld = builder.load(builder.bitcast(builder.gep(ib, [c64(8 * v)]), v8p))
+                ld.align = 4
+                inits.append(ld)
+            wvptr = [builder.gep(wb, [builder.mul(wvs, c64(v))]) for v in range(nv)]
+            xrow = [builder.gep(xb, [builder.mul(xs, c64(r))]) for r in range(mr)]
+            pre = builder.basic_block
+            loop = builder.append_basic_block("vnni_loop")
+            done = builder.append_basic_block("vnni_done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(c64(0), pre)
+            acc = [[builder.phi(v8) for _ in range(nv)] for _ in range(mr)]
+            for r in range(mr):
+                for v in range(nv):
+                    acc[r][v].add_incoming(inits[v], pre)
+            wk = builder.mul(k, c64(32))
+            wv = []
+            for v in range(nv):
+                ld = builder.load(builder.bitcast(builder.gep(wvptr[v], [wk]), v8p))
+                ld.align = 1
+                wv.append(ld)
+            xk = builder.mul(k, c64(4))
+            new = []
+            for r in range(mr):
+                xi = builder.load(builder.bitcast(builder.gep(xrow[r], [xk]), i32.as_pointer()))
+                xi.align = 1
+                xv = builder.insert_element(ir.Constant(v8, ir.Undefined), xi, ir.Constant(i32, 0))
+                xv = builder.shuffle_vector(
+                    xv, ir.Constant(v8, ir.Undefined), ir.Constant(v8, None)
+                )
+                new.append([builder.call(fn, [acc[r][v], xv, wv[v]]) for v in range(nv)])
+            k1 = builder.add(k, c64(1))
+            end = builder.basic_block
+            k.add_incoming(k1, end)
+            for r in range(mr):
+                for v in range(nv):
+                    acc[r][v].add_incoming(new[r][v], end)
+            builder.cbranch(builder.icmp_signed("<", k1, k4), loop, done)
+            builder.position_at_end(done)
+            for r in range(mr):
+                orow = builder.gep(ob, [builder.mul(ostride, c64(r))])
+                for v in range(nv):
+                    st = builder.store(
+                        new[r][v], builder.bitcast(builder.gep(orow, [c64(8 * v)]), v8p)
+                    )
+                    st.align = 4
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_tile_m2 = _make_vnni_tile(_MR, 2)
+_tile_m1 = _make_vnni_tile(_MR, 1)
+_tile_12 = _make_vnni_tile(1, 2)
+_tile_11 = _make_vnni_tile(1, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# GEMM drivers: acc[p, o] = init[o] + sum_k xu[p, k] * w[o, k]  (xu uint8, w int8)
+
+_TB = 4  # tiles per parallel task: a task runs _TB * _MR rows against all weights
+
+
+@njit(parallel=True, cache=True)
+def _gemm_vnni(xu, wp, init, out):
+    # xu [P, Kp] uint8 (Kp % 4 == 0), wp [OB8, K4, 8, 4] int8, init [OB8*8] int32,
+    # out [P, OB8*8] int32; all C-contiguous.
+    P, Kp = xu.shape
+    OB8 = wp.shape[0]
+    K4 = wp.shape[1]
+    Op = OB8 * 8
+    ws = K4 * 32
+    rows = _MR * _TB
+    ntask = (P + rows - 1) // rows
+    for t in prange(ntask):
+        p0 = t * rows
+        p1 = min(p0 + rows, P)
+        nfull = (p1 - p0) // _MR
+        ob = 0
+        while ob < OB8:
+            two = ob + 2 <= OB8
+            for b in range(nfull):
+                p = p0 + b * _MR
+                if two:
+                    _tile_m2(
+                        xu, p * Kp, Kp, wp, ob * ws, ws, K4, init, ob * 8, out, p * Op + ob * 8, Op
+                    )
+                else:
+                    _tile_m1(
+                        xu, p * Kp, Kp, wp, ob * ws, ws, K4, init, ob * 8, out, p * Op + ob * 8, Op
+                    )
+            for p in range(p0 + nfull * _MR, p1):
+                if two:
+                    _tile_12(
+                        xu, p * Kp, Kp, wp, ob * ws, ws, K4, init, ob * 8, out, p * Op + ob * 8, Op
+                    )
+                else:
+                    _tile_11(
+                        xu, p * Kp, Kp, wp, ob * ws, ws, K4, init, ob * 8, out, p * Op + ob * 8, Op
+                    )
+            ob += 2 if two else 1
+
+
+@njit(parallel=True, cache=True)
+def _gemm_ref(xu, w2d, init, out):
+    # portable fallback: xu [P, Kp] uint8, w2d [Op, Kp] int8, init [Op], out [P, Op]
+    P, Kp = xu.shape
+    Op = w2d.shape[0]
+    for p in prange(P):
+        xr = xu[p]
+        for o in range(Op):
+            wr = w2d[o]
+            s = np.int32(0)
+            for k in range(Kp):
+                s += np.int32(xr[k]) * np.int32(wr[k])
+            out[p, o] = init[o] + s
+
+
+@njit(parallel=True, cache=True)
+def _im2col(xu, c0, cg, kh, kw, sh, sw, ph, pw, dh, dw, ho_n, wo_n, padval, cols):
+    # xu [N, H, W, C] uint8 -> cols [N*Ho*Wo, Kp] uint8, k = (i*kw + j)*cg + c
+    N, H, W, _ = xu.shape
+    Kp = cols.shape[1]
+    pv = np.uint8(padval)
+    for r in prange(N * ho_n):
+        n = r // ho_n
+        ho = r % ho_n
+        for wo in range(wo_n):
+            row = cols[r * wo_n + wo]
+            k = 0
+            for i in range(kh):
+                hi = ho * sh - ph + i * dh
+                for j in range(kw):
+                    wi = wo * sw - pw + j * dw
+                    if hi >= 0 and hi < H and wi >= 0 and wi < W:
+                        row[k : k + cg] = xu[n, hi, wi, c0 : c0 + cg]
+                    else:
+                        for c in range(cg):
+                            row[k + c] = pv
+                    k += cg
+            for kk in range(k, Kp):
+                row[kk] = 0
+
+
+# ---------------------------------------------------------------------------------------
+# depthwise: out[n, ho, wo, c] = sum_ij x[n, hi, wi, c] * w[i, j, c]
+
+
+@njit(parallel=True, cache=True)
+def _dw_conv(x, w32, kh, kw, sh, sw, ph, pw, dh, dw, out):
+    # x [N, H, W, C] uint8/int8, w32 [kh*kw, C] int32, out [N, Ho, Wo, C] int32
+    N, H, W, C = x.shape
+    Ho = out.shape[1]
+    Wo = out.shape[2]
+    three = kh == 3 and kw == 3
+    for r in prange(N * Ho):
+        n = r // Ho
+        ho = r % Ho
+        h0 = ho * sh - ph
+        rows_ok = h0 >= 0 and h0 + (kh - 1) * dh < H
+        for wo in range(Wo):
+            o = out[n, ho, wo]
+            w0 = wo * sw - pw
+            if three and rows_ok and w0 >= 0 and w0 + 2 * dw < W:
+                a0 = x[n, h0, w0]
+                a1 = x[n, h0, w0 + dw]
+                a2 = x[n, h0, w0 + 2 * dw]
+                b0 = x[n, h0 + dh, w0]
+                b1 = x[n, h0 + dh, w0 + dw]
+                b2 = x[n, h0 + dh, w0 + 2 * dw]
+                c0 = x[n, h0 + 2 * dh, w0]
+                c1 = x[n, h0 + 2 * dh, w0 + dw]
+                c2 = x[n, h0 + 2 * dh, w0 + 2 * dw]
+                q0 = w32[0]
+                q1 = w32[1]
+                q2 = w32[2]
+                q3 = w32[3]
+                q4 = w32[4]
+                q5 = w32[5]
+                q6 = w32[6]
+                q7 = w32[7]
+                q8 = w32[8]
+                for c in range(C):
+                    s0 = np.int32(a0[c]) * q0[c] + np.int32(a1[c]) * q1[c] + np.int32(a2[c]) * q2[c]
+                    s1 = np.int32(b0[c]) * q3[c] + np.int32(b1[c]) * q4[c] + np.int32(b2[c]) * q5[c]
+                    s2 = np.int32(c0[c]) * q6[c] + np.int32(c1[c]) * q7[c] + np.int32(c2[c]) * q8[c]
+                    o[c] = s0 + s1 + s2
+            else:
+                for c in range(C):
+                    o[c] = 0
+                for i in range(kh):
+                    hi = h0 + i * dh
+                    if hi < 0 or hi >= H:
+                        continue
+                    for j in range(kw):
+                        wi = w0 + j * dw
+                        if wi < 0 or wi >= W:
+                            continue
+                        xr = x[n, hi, wi]
+                        wr = w32[i * kw + j]
+                        for c in range(C):
+                            o[c] += np.int32(xr[c]) * wr[c]
+
+
+# ---------------------------------------------------------------------------------------
+# binary: XOR + popcount over packed channel words
+
+
+@njit(parallel=True, cache=True)
+def _bin_conv(xp, wt, C, sh, sw, ph, pw, dh, dw, out):
+    # xp [N, H, W, CW] uint64, wt [kh, kw, CW, O] uint64, out [N, Ho, Wo, O] int32
+    N, H, W, CW = xp.shape
+    kh, kw, _, O = wt.shape
+    Ho = out.shape[1]
+    Wo = out.shape[2]
+    for r in prange(N * Ho):
+        n = r // Ho
+        ho = r % Ho
+        cnt = np.empty(O, np.int32)
+        for wo in range(Wo):
+            for o in range(O):
+                cnt[o] = 0
+            nv = 0
+            for i in range(kh):
+                hi = ho * sh - ph + i * dh
+                if hi < 0 or hi >= H:
+                    continue
+                for j in range(kw):
+                    wi = wo * sw - pw + j * dw
+                    if wi < 0 or wi >= W:
+                        continue
+                    nv += 1
+                    for cw in range(CW):
+                        xw = xp[n, hi, wi, cw]
+                        wr = wt[i, j, cw]
+                        for o in range(O):
+                            cnt[o] += np.int32(_popc(xw ^ wr[o]))
+            base = np.int32(nv * C)
+            orow = out[n, ho, wo]
+            for o in range(O):
+                orow[o] = base - 2 * cnt[o]
+
+
+@njit(parallel=True, cache=True)
+def _bin_linear(xp, wp, K, out):
+    # xp [N, KW] uint64, wp [O, KW] uint64, out [N, O] int32
+    N, KW = xp.shape
+    O = wp.shape[0]
+    for n in prange(N):
+        xr = xp[n]
+        for o in range(O):
+            wr = wp[o]
+            s = 0
+            for k in range(KW):
+                s += _popc(xr[k] ^ wr[k])
+            out[n, o] = K - 2 * s
+
+
+# ---------------------------------------------------------------------------------------
+# requantization and dequantization (per channel = last axis)
+
+
+@njit(parallel=True, cache=True)
+def _requant(acc, pre_shift, bias, m, n, half, lo, hi, out):
+    # acc [R, C] int32, bias/m/n/half [C] int64, out [R, C] any integer dtype
+    R, C = acc.shape
+    for r in prange(R):
+        ar = acc[r]
+        orow = out[r]
+        for c in range(C):
+            p = ((np.int64(ar[c]) << pre_shift) + bias[c]) * m[c]
+            q = (np.abs(p) + half[c]) >> n[c]
+            if p < 0:
+                q = -q
+            q = min(max(q, lo), hi)
+            orow[c] = q
+
+
+@njit(parallel=True, cache=True)
+def _dequant(acc, scale, bias, has_bias, out):
+    # acc [R, C] int32, scale/bias [C] float32, out [R, C] float32; mul then add, no FMA
+    R, C = acc.shape
+    for r in prange(R):
+        ar = acc[r]
+        orow = out[r]
+        if has_bias:
+            for c in range(C):
+                v = np.float32(ar[c]) * scale[c]
+                orow[c] = v + bias[c]
+        else:
+            for c in range(C):
+                orow[c] = np.float32(ar[c]) * scale[c]
+
+
+# ---------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _pair(v, name: str, minimum: int) -> tuple[int, int]:
+    if isinstance(v, (int, np.integer)):
+        v = (int(v), int(v))
+    try:
+        a, b = (int(t) for t in v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}") from None
+    if a < minimum or b < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {(a, b)}")
+    return a, b
+
+
+def _check_act(x, ndim: int, what: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{what} must be a numpy array, got {type(x).__name__}")
+    if x.dtype not in (np.uint8, np.int8):
+        raise ValueError(f"{what} must be int8 or uint8, got {x.dtype}")
+    if x.ndim != ndim:
+        layout = "NHWC" if ndim == 4 else "[N, K]"
+        raise ValueError(f"{what} must have rank {ndim} ({layout}), got shape {x.shape}")
+    return np.ascontiguousarray(x)
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int, axis: str) -> int:
+    o = (size + 2 * p - d * (k - 1) - 1) // s + 1
+    if o < 1:
+        raise ValueError(
+            f"kernel {k} (dilation {d}) does not fit the padded input {axis} {size}+2*{p}"
+        )
+    return o
+
+
+# ---------------------------------------------------------------------------------------
+# packed weights
+
+
+@dataclass(frozen=True, eq=False)
+class PackedConv:
+    """Int8 (or ternary) conv/linear weights repacked once for the kernels.
+
+    ``kind``: "int8" or "ternary" (same kernels; ternary only checks the codes).
+    ``depthwise``: groups == C_in == O, weights kept as ``w32 [kh*kw, C] int32``.
+    Otherwise, per group ``g`` (K = kh*kw*cg padded to Kp, a multiple of 4; O per group
+    padded to Op, a multiple of 8): ``wp[g] [Op/8, Kp/4, 8, 4] int8`` (the VNNI layout:
+    for each block of 8 output channels and each 4 consecutive k, 32 bytes channel-major),
+    ``w2d[g] [Op, Kp] int8`` (portable GEMM) and ``corr[g] [Op] int32 = -128 * sum_k w``
+    (the accumulator's start for int8 activations, which the GEMM sees as ``x ^ 0x80``).
+    """
+
+    kind: str
+    out_channels: int
+    in_channels: int
+    kh: int
+    kw: int
+    groups: int
+    depthwise: bool
+    wp: np.ndarray | None = None
+    w2d: np.ndarray | None = None
+    corr: np.ndarray | None = None
+    zero: np.ndarray | None = None
+    w32: np.ndarray | None = None
+
+    @property
+    def k(self) -> int:
+        return self.kh * self.kw * (self.in_channels // self.groups)
+
+
+def _check_weights(w, ndim: int) -> np.ndarray:
+    if not isinstance(w, np.ndarray):
+        raise ValueError(f"weights must be a numpy array, got {type(w).__name__}")
+    if w.dtype != np.int8:
+        raise ValueError(f"weight codes must be int8, got {w.dtype}")
+    if w.ndim != ndim:
+        layout = "[O, kh, kw, C_in/groups]" if ndim == 4 else "[O, K]"
+        raise ValueError(f"weights must have rank {ndim} {layout}, got shape {w.shape}")
+    if w.size == 0:
+        raise ValueError(f"weights are empty: shape {w.shape}")
+    return np.ascontiguousarray(w)
+
+
+def _pack_gemm(w2: np.ndarray):
+    """w2 [O, K] int8 -> (wp [Op/8, Kp/4, 8, 4], w2d [Op, Kp], corr [Op], zero [Op])."""
+    O, K = w2.shape
+    Kp = -(-K // 4) * 4
+    Op = -(-O // 8) * 8
+    w2d = np.zeros((Op, Kp), np.int8)
+    w2d[:O, :K] = w2
+    wp = np.ascontiguousarray(w2d.reshape(Op // 8, 8, Kp // 4, 4).transpose(0, 2, 1, 3))
+    corr = (-128 * w2d.astype(np.int32).sum(axis=1)).astype(np.int32)
+    return wp, w2d, corr, np.zeros(Op, np.int32)
+
+
+def prepare_conv(w: np.ndarray, groups: int = 1, kind: str = "int8") -> PackedConv:
+    """Repack int8 conv codes ``[O, kh, kw, C_in // groups]`` for :func:`conv2d_int`."""
+    w = _check_weights(w, 4)
+    groups = int(groups)
+    O, kh, kw, cg = w.shape
+    if groups < 1 or O % groups:
+        raise ValueError(f"groups={groups} must be >= 1 and divide the {O} output channels")
+    cin = cg * groups
+    if groups == O and cg == 1:
+        w32 = np.ascontiguousarray(w.reshape(O, kh * kw).T.astype(np.int32))
+        return PackedConv(kind, O, cin, kh, kw, groups, True, w32=w32)
+    og = O // groups
+    parts = [_pack_gemm(w[g * og : (g + 1) * og].reshape(og, kh * kw * cg)) for g in range(groups)]
+    wp, w2d, corr, zero = (np.stack([p[i] for p in parts]) for i in range(4))
+    return PackedConv(kind, O, cin, kh, kw, groups, False, wp, w2d, corr, zero)
+
+
+def prepare_linear(w: np.ndarray, kind: str = "int8") -> PackedConv:
+    """Repack int8 linear codes ``[O, K]`` for :func:`linear_int`."""
+    w = _check_weights(w, 2)
+    return prepare_conv(w.reshape(w.shape[0], 1, 1, w.shape[1]), 1, kind)
+
+
+def _check_ternary(w: np.ndarray) -> None:
+    if w.dtype != np.int8:
+        raise ValueError(f"ternary codes must be int8, got {w.dtype}")
+    if np.any((w < -1) | (w > 1)):
+        raise ValueError("ternary codes must be in {-1, 0, +1}")
+
+
+def pack_ternary(w_codes: np.ndarray, groups: int = 1) -> PackedConv:
+    """Ternary codes (int8 in {-1, 0, +1}), ``[O, kh, kw, C_in // groups]`` or ``[O, K]``.
+
+    The packed form is the int8 :class:`PackedConv` (kind "ternary"): with VNNI a
+    multiply by a code costs the same as an add, and the dense GEMM beats index lists or
+    bit masks on this hardware (see bench/kernels.py).
+    """
+    if not isinstance(w_codes, np.ndarray):
+        raise ValueError(f"weights must be a numpy array, got {type(w_codes).__name__}")
+    _check_ternary(w_codes)
+    if w_codes.ndim == 2:
+        return prepare_linear(w_codes, kind="ternary")
+    return prepare_conv(w_codes, groups, kind="ternary")
+
+
+# ---------------------------------------------------------------------------------------
+# int8 / ternary convolutions and linear layers
+
+
+def _gemm(xu: np.ndarray, pc: PackedConv, g: int, signed: bool) -> np.ndarray:
+    init = pc.corr[g] if signed else pc.zero[g]
+    out = np.empty((xu.shape[0], init.shape[0]), np.int32)
+    if HAS_VNNI:
+        _gemm_vnni(xu, pc.wp[g], init, out)
+    else:
+        _gemm_ref(xu, pc.w2d[g], init, out)
+    return out
+
+
+def _gemm_input(x2: np.ndarray, Kp: int, signed: bool) -> np.ndarray:
+    """x2 [P, K] uint8/int8 -> contiguous uint8 [P, Kp] (int8 shifted by ^0x80, pad 0)."""
+    P, K = x2.shape
+    if not signed and K == Kp and x2.flags.c_contiguous:
+        return x2
+    xu = np.empty((P, Kp), np.uint8)
+    if signed:
+        np.bitwise_xor(x2.view(np.uint8), np.uint8(0x80), out=xu[:, :K])
+    else:
+        xu[:, :K] = x2
+    xu[:, K:] = 0
+    return xu
+
+
+def conv2d_int(
+    x: np.ndarray,
+    w: np.ndarray | PackedConv,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    groups: int = 1,
+) -> np.ndarray:
+    """Integer convolution: ``x`` NHWC int8/uint8, ``w`` int8 codes ``[O, kh, kw, C/groups]``
+    (or a :class:`PackedConv`); returns the int32 accumulator NHWC ``[N, Ho, Wo, O]``."""
+    x = _check_act(x, 4, "conv input")
+    sh, sw = _pair(stride, "stride", 1)
+    ph, pw = _pair(padding, "padding", 0)
+    dh, dw = _pair(dilation, "dilation", 1)
+    if isinstance(w, PackedConv):
+        pc = w
+        if int(groups) != 1 and int(groups) != pc.groups:
+            raise ValueError(f"groups={groups} but the packed weights have groups={pc.groups}")
+    else:
+        pc = prepare_conv(w, groups)
+    N, H, W, C = x.shape
+    if C != pc.in_channels:
+        raise ValueError(
+            f"input has {C} channels but the weights expect {pc.in_channels} "
+            f"({pc.in_channels // pc.groups} per group x {pc.groups} groups)"
+        )
+    Ho = _out_size(H, pc.kh, sh, ph, dh, "height")
+    Wo = _out_size(W, pc.kw, sw, pw, dw, "width")
+    O = pc.out_channels
+    if pc.depthwise:
+        out = np.empty((N, Ho, Wo, O), np.int32)
+        _dw_conv(x, pc.w32, pc.kh, pc.kw, sh, sw, ph, pw, dh, dw, out)
+        return out
+    signed = x.dtype == np.int8
+    G = pc.groups
+    cg = C // G
+    og = O // G
+    Kp = pc.wp.shape[2] * 4
+    pointwise = pc.kh == 1 and pc.kw == 1 and ph == 0 and pw == 0 and G == 1
+    if pointwise:
+        xs = x if (sh, sw) == (1, 1) else x[:, ::sh, ::sw, :]
+        xu = _gemm_input(np.ascontiguousarray(xs).reshape(N * Ho * Wo, C), Kp, signed)
+        acc = _gemm(xu, pc, 0, signed)
+        if acc.shape[1] != O:
+            acc = np.ascontiguousarray(acc[:, :O])
+        return acc.reshape(N, Ho, Wo, O)
+    xu = np.bitwise_xor(x.view(np.uint8), np.uint8(0x80)) if signed else x
+    padval = 128 if signed else 0
+    cols = np.empty((N * Ho * Wo, Kp), np.uint8)
+    if G == 1:
+        _im2col(xu, 0, cg, pc.kh, pc.kw, sh, sw, ph, pw, dh, dw, Ho, Wo, padval, cols)
+        acc = _gemm(cols, pc, 0, signed)
+        if acc.shape[1] != O:
+            acc = np.ascontiguousarray(acc[:, :O])
+        return acc.reshape(N, Ho, Wo, O)
+    out = np.empty((N * Ho * Wo, O), np.int32)
+    for g in range(G):
+        _im2col(xu, g * cg, cg, pc.kh, pc.kw, sh, sw, ph, pw, dh, dw, Ho, Wo, padval, cols)
+        out[:, g * og : (g + 1) * og] = _gemm(cols, pc, g, signed)[:, :og]
+    return out.reshape(N, Ho, Wo, O)
+
+
+def linear_int(x: np.ndarray, w: np.ndarray | PackedConv) -> np.ndarray:
+    """``x [N, K]`` int8/uint8 times ``w [O, K]`` int8 codes (or a packed linear):
+    int32 ``[N, O]``."""
+    x = _check_act(x, 2, "linear input")
+    pc = w if isinstance(w, PackedConv) else prepare_linear(w)
+    if pc.kh != 1 or pc.kw != 1 or pc.groups != 1 or pc.depthwise:
+        raise ValueError("linear_int needs linear weights [O, K] (see prepare_linear)")
+    if x.shape[1] != pc.in_channels:
+        raise ValueError(f"input has {x.shape[1]} features but the weights expect {pc.in_channels}")
+    signed = x.dtype == np.int8
+    Kp = pc.wp.shape[2] * 4
+    acc = _gemm(_gemm_input(x, Kp, signed), pc, 0, signed)
+    return np.ascontiguousarray(acc[:, : pc.out_channels])
+
+
+def _as_ternary(packed) -> PackedConv:
+    if isinstance(packed, PackedConv):
+        if packed.kind != "ternary":
+            raise ValueError("weights were not packed with pack_ternary")
+        return packed
+    if isinstance(packed, np.ndarray):
+        return pack_ternary(packed)
+    raise ValueError(f"expected pack_ternary(...) output, got {type(packed).__name__}")
+
+
+def conv2d_ternary(x, packed, stride=(1, 1), padding=(0, 0), dilation=(1, 1)) -> np.ndarray:
+    """Convolution with ternary weights from :func:`pack_ternary` (groups as packed);
+    equal to :func:`conv2d_int` with the same codes."""
+    pc = _as_ternary(packed)
+    return conv2d_int(x, pc, stride, padding, dilation, pc.groups)
+
+
+def linear_ternary(x: np.ndarray, packed) -> np.ndarray:
+    """Linear layer with ternary weights from :func:`pack_ternary` (``[O, K]`` codes)."""
+    return linear_int(x, _as_ternary(packed))
+
+
+# ---------------------------------------------------------------------------------------
+# binary
+
+
+def pack_signs(x: np.ndarray, check: bool = True) -> np.ndarray:
+    """Pack ``{-1, +1}`` int8 values along the last axis into uint64 words:
+    ``[..., C] -> [..., ceil(C / 64)]``, bit ``c % 64`` of word ``c // 64`` is 1 for +1."""
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"signs must be a numpy array, got {type(x).__name__}")
+    if x.dtype != np.int8:
+        raise ValueError(f"signs must be int8 in {{-1, +1}}, got {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise ValueError(f"signs need a non-empty last (channel) axis, got shape {x.shape}")
+    if check and np.any((x != 1) & (x != -1)):
+        raise ValueError("signs must be -1 or +1 (binary activations/weights)")
+    C = x.shape[-1]
+    cw = -(-C // 64)
+    bits = np.packbits(x > 0, axis=-1, bitorder="little")
+    pad = cw * 8 - bits.shape[-1]
+    if pad:
+        bits = np.concatenate([bits, np.zeros((*bits.shape[:-1], pad), np.uint8)], axis=-1)
+    return np.ascontiguousarray(bits).view("<u8").astype(np.uint64, copy=False)
+
+
+def pack_binary_weights(w: np.ndarray) -> np.ndarray:
+    """Binary weight codes ``[O, kh, kw, C]`` (or ``[O, K]``) in {-1, +1} ->
+    uint64 ``[O, kh, kw, ceil(C/64)]`` (or ``[O, ceil(K/64)]``), packed as :func:`pack_signs`."""
+    if isinstance(w, np.ndarray) and w.ndim not in (2, 4):
+        raise ValueError(f"binary weights must be [O, kh, kw, C] or [O, K], got shape {w.shape}")
+    return pack_signs(w)
+
+
+def _check_packed(a, ndim: int, what: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.dtype != np.uint64 or a.ndim != ndim:
+        got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise ValueError(f"{what} must be a uint64 array of rank {ndim} (from pack_*), got {got}")
+    return np.ascontiguousarray(a)
+
+
+def conv2d_binary(
+    xp: np.ndarray,
+    C: int,
+    wp: np.ndarray,
+    kh: int,
+    kw: int,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+) -> np.ndarray:
+    """Binary convolution (groups=1) of packed signs ``xp [N, H, W, ceil(C/64)]`` with packed
+    weights ``wp [O, kh, kw, ceil(C/64)]``. Returns int32 ``[N, Ho, Wo, O]`` equal to
+    ``conv2d_int`` on the ±1 values with zero padding: ``sum over valid taps of
+    C - 2 * popcount(x ^ w)``."""
+    xp = _check_packed(xp, 4, "packed input")
+    wp = _check_packed(wp, 4, "packed weights")
+    C = int(C)
+    cw = -(-C // 64) if C > 0 else 0
+    if C < 1 or xp.shape[3] != cw:
+        raise ValueError(f"C={C} needs {cw} words per pixel, the input has {xp.shape[3]}")
+    if wp.shape[3] != cw:
+        raise ValueError(f"input has C={C} ({cw} words) but the weights have {wp.shape[3]} words")
+    if wp.shape[1] != kh or wp.shape[2] != kw:
+        raise ValueError(f"weights have kernel {wp.shape[1:3]}, not ({kh}, {kw})")
+    sh, sw = _pair(stride, "stride", 1)
+    ph, pw = _pair(padding, "padding", 0)
+    dh, dw = _pair(dilation, "dilation", 1)
+    N, H, W, _ = xp.shape
+    Ho = _out_size(H, kh, sh, ph, dh, "height")
+    Wo = _out_size(W, kw, sw, pw, dw, "width")
+    wt = np.ascontiguousarray(wp.transpose(1, 2, 3, 0))  # [kh, kw, CW, O]: O innermost
+    out = np.empty((N, Ho, Wo, wp.shape[0]), np.int32)
+    _bin_conv(xp, wt, C, sh, sw, ph, pw, dh, dw, out)
+    return out
+
+
+def linear_binary(xp: np.ndarray, K: int, wp: np.ndarray) -> np.ndarray:
+    """Binary linear layer: packed signs ``xp [N, ceil(K/64)]``, packed weights
+    ``wp [O, ceil(K/64)]``; int32 ``[N, O] = K - 2 * popcount(x ^ w)``."""
+    xp = _check_packed(xp, 2, "packed input")
+    wp = _check_packed(wp, 2, "packed weights")
+    K = int(K)
+    kw = -(-K // 64) if K > 0 else 0
+    if K < 1 or xp.shape[1] != kw or wp.shape[1] != kw:
+        raise ValueError(
+            f"K={K} needs {kw} words; input has {xp.shape[1]}, weights have {wp.shape[1]}"
+        )
+    out = np.empty((xp.shape[0], wp.shape[0]), np.int32)
+    _bin_linear(xp, wp, K, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# requant / dequant
+
+
+def _per_channel(v, C: int, dtype, name: str) -> np.ndarray:
+    a = np.asarray(v)
+    if a.ndim == 0:
+        return np.full(C, a, dtype)
+    if a.shape != (C,):
+        raise ValueError(f"{name} must be a scalar or have shape ({C},), got {a.shape}")
+    return np.ascontiguousarray(a, dtype)
+
+
+def _check_acc(acc) -> np.ndarray:
+    if not isinstance(acc, np.ndarray):
+        raise ValueError(f"accumulator must be a numpy array, got {type(acc).__name__}")
+    if acc.dtype != np.int32:
+        raise ValueError(f"accumulator must be int32, got {acc.dtype}")
+    if acc.ndim < 1:
+        raise ValueError("accumulator needs a channel (last) axis")
+    return np.ascontiguousarray(acc)
+
+
+def requant(acc, bias, m, n, lo: int, hi: int, out_dtype=np.uint8, pre_shift: int = 0):
+    """Per-channel (last axis) integer requantization in int64:
+    ``clamp(round_half_away((acc * 2**pre_shift + bias) * m / 2**n), lo, hi)`` cast to
+    ``out_dtype``, in one pass; exactly :func:`lowbit.requant.requantize_np` with
+    ``channel_dim=-1`` (``requantize_np(acc + bias, m, n, lo, hi, -1)`` when
+    ``pre_shift == 0``). ``bias`` may be None; ``bias``, ``m`` (``|m| < 2**31``, negative
+    allowed) and ``n`` (in [1, 62]) are scalars or per channel. The caller keeps
+    ``|(acc * 2**pre_shift + bias) * m| < 2**62`` (true for quantize_multiplier's ``m`` and
+    int32 ``acc + bias`` at ``pre_shift == 0``)."""
+    acc = _check_acc(acc)
+    C = acc.shape[-1]
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype.kind not in "iu":
+        raise ValueError(f"out_dtype must be an integer dtype, got {out_dtype}")
+    info = np.iinfo(out_dtype)
+    lo, hi = int(lo), int(hi)
+    if lo > hi or lo < info.min or hi > info.max:
+        raise ValueError(f"clamp range [{lo}, {hi}] is empty or does not fit {out_dtype}")
+    pre_shift = int(pre_shift)
+    if not 0 <= pre_shift <= 31:
+        raise ValueError(f"pre_shift must be in [0, 31], got {pre_shift}")
+    b = np.zeros(C, np.int64) if bias is None else _per_channel(bias, C, np.int64, "bias")
+    mm = _per_channel(m, C, np.int64, "m")
+    nn = _per_channel(n, C, np.int64, "n")
+    if np.any(nn < 1) or np.any(nn > 62):
+        raise ValueError("shift n must be in [1, 62]")
+    if np.any(np.abs(mm) >= 2**31):
+        raise ValueError("multiplier m must satisfy |m| < 2**31")
+    half = np.left_shift(np.int64(1), nn - 1)
+    out = np.empty(acc.shape, out_dtype)
+    _requant(acc.reshape(-1, C), pre_shift, b, mm, nn, half, lo, hi, out.reshape(-1, C))
+    return out
+
+
+def dequant(acc, scale, bias=None) -> np.ndarray:
+    """``acc.astype(float32) * scale[c]`` then ``+ bias[c]`` (two float32 roundings, as
+    PyTorch's ``acc.float() * scale + bias``); per channel along the last axis."""
+    acc = _check_acc(acc)
+    C = acc.shape[-1]
+    s = _per_channel(scale, C, np.float32, "scale")
+    has_bias = bias is not None
+    b = _per_channel(bias, C, np.float32, "bias") if has_bias else np.zeros(C, np.float32)
+    out = np.empty(acc.shape, np.float32)
+    _dequant(acc.reshape(-1, C), s, b, has_bias, out.reshape(-1, C))
+    return out
