@@ -257,7 +257,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .workflow import analyze_model
 
     if args.checkpoint is None and args.model is None:
-        raise ValueError("give --model (with --method) or --checkpoint")
+        raise ValueError("give --model (with --method) or --checkpoint (.pt or .lowbit)")
+    if args.checkpoint is not None and str(args.checkpoint).endswith(".lowbit"):
+        from .cost import analyze
+
+        report = analyze(args.checkpoint, convention=args.convention)
+        head = f"{args.checkpoint} (packed), input {report['input_shape']}"
+        _emit(args, report, head + "\n" + format_table(report))
+        return 0
     report = analyze_model(
         args.model,
         method=args.method,
@@ -307,6 +314,48 @@ def cmd_compress(args: argparse.Namespace) -> int:
         f"{result['density']:.3f}\nreport: {result['out']}/summary.md"
     )
     _emit(args, result, text)
+    return 0
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from .workflow import save_checkpoint_packed
+
+    result = save_checkpoint_packed(args.checkpoint, args.output, example_shape=None)
+    text = (
+        f"wrote {result['path']}: {result['bytes']:,} B ({result['payload_bytes']:,} B tensors "
+        f"+ {result['header_bytes']:,} B header); cost model storage "
+        f"{result['storage_bytes']:,.0f} B, x{result['compression_vs_fp32']:.1f} vs fp32"
+    )
+    _emit(args, result, text)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .workflow import run_packed
+
+    result = run_packed(
+        args.model_file, data=args.data, data_dir=args.data_dir, limit_test=args.limit_test,
+        batch_size=args.batch_size, threads=args.threads, seed=args.seed, check=args.check,
+    )  # fmt: skip
+    text = (
+        f"{result['model']} ({result['method']}) from {args.model_file} on {result['data']} "
+        f"({result['test_samples']} test samples): accuracy {100 * result['test_accuracy']:.2f}%"
+        f", {result['ms_per_image']:.3f} ms per image"
+    )
+    if result.get("agreement_with_reference") is not None:
+        text += "; same prediction as the reference executor on "
+        text += f"{100 * result['agreement_with_reference']:.2f}%"
+    _emit(args, result, text)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .runtime.bench import compare, format_result
+
+    result = compare(args.model_file, threads=args.threads or 1, batch=args.batch,
+                     repeats=args.repeats, onnx=not args.no_onnx,
+                     per_layer=args.per_layer)  # fmt: skip
+    _emit(args, result, format_result(result))
     return 0
 
 
@@ -386,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model option")
     p.add_argument("--method", choices=["fp32", *methods], default=None, help="default fp32")
     p.add_argument("--method-arg", action="append", metavar="KEY=VALUE", help="method option")
-    p.add_argument("--checkpoint", help="analyze a trained (FP or compressed) checkpoint")
+    p.add_argument("--checkpoint", help="a trained checkpoint (.pt) or a packed file (.lowbit)")
     p.add_argument("--input-shape", help="C,H,W or 1,C,H,W (default: the model's own)")
     p.add_argument("--convention", choices=CONVENTIONS, default="operand-width",
                    help="energy accounting (default operand-width)")  # fmt: skip
@@ -418,6 +467,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser(
+        "save",
+        help="freeze a compressed checkpoint into a packed .lowbit file",
+        description="Freeze a QAT (or FP) checkpoint and write the packed .lowbit file.",
+    )
+    p.add_argument("checkpoint", help="a .pt checkpoint written by lowbit train/compress")
+    p.add_argument("-o", "--output", required=True, help="the .lowbit file to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser(
+        "run",
+        help="run a packed .lowbit file on a data set with lowbit's CPU runtime",
+        description="Accuracy of a packed model from the file alone (lowbit's runtime, no "
+        "PyTorch at inference); the file's stored normalization is applied to the raw data.",
+    )
+    p.add_argument("model_file", metavar="MODEL.lowbit")
+    _add_data(p, train=False)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also run the PyTorch reference executor and report the agreement",
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "bench",
+        help="latency of a packed file: lowbit vs PyTorch fp32 vs ONNX Runtime",
+        description="Time the packed model with lowbit's runtime, side by side with PyTorch "
+        "fp32 eager and ONNX Runtime fp32/int8 of the same network (medians).",
+    )
+    p.add_argument("model_file", metavar="MODEL.lowbit")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument("--repeats", type=_positive_int, default=30, help="timed runs (default 30)")
+    p.add_argument("--per-layer", action="store_true", help="add a per-layer profile")
+    p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--threads", type=_positive_int, default=1, help="threads (default 1)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
         "demo",
         help="train and compress a small model on the built-in sample, show the results",
         description="A one-minute tour on the built-in MNIST sample (no download needed).",
@@ -432,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_torch(args: argparse.Namespace) -> None:
     threads = getattr(args, "threads", None)
-    if threads:
+    if threads and args.command != "run":  # run uses lowbit's runtime, not PyTorch
         import torch
 
         torch.set_num_threads(threads)

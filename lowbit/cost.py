@@ -21,6 +21,7 @@ parameter in fp32 (or fp16).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,7 @@ class LayerCost:
     out_shape: tuple[int, ...]
     weight_codec: str
     act_codec: str
+    codec: str  # short label "weights/activations", e.g. "ternary/int8"
     params: int
     nonzero_params: int
     bits_per_weight: float
@@ -127,6 +129,14 @@ def analyze(
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown energy convention {convention!r}; valid: {CONVENTIONS}")
+    from .freeze import FrozenModel
+
+    if isinstance(model, str | os.PathLike):
+        from .packfile import load_frozen
+
+        model = load_frozen(model)
+    if isinstance(model, FrozenModel):
+        return _analyze_frozen(model, convention)
     from .recipes import _example_input
 
     x = _example_input(model, example_input)[:1]
@@ -165,8 +175,6 @@ def analyze(
         numel = m.weight.numel()
         nz = _nonzero_weights(m)
         per_weight_macs = (oshape[2] * oshape[3]) if isinstance(m, nn.Conv2d) else 1
-        macs = numel * per_weight_macs
-        nz_macs = nz * per_weight_macs
         out_ch = m.weight.shape[0]
         quantized = isinstance(m, QuantConv2d | QuantLinear) and not isinstance(wc, Float)
         bn = folded_bn.get(name, 0)
@@ -184,33 +192,18 @@ def analyze(
         else:
             if m.bias is not None or bn:
                 bits += wc.weight_bits() * out_ch
-        act_bits = ac.act_bits() if not isinstance(ac, FloatAct) else ac.bits
-        kind = wc.mac_kind(ac)
-        e_mac = mac_energy(kind, act_bits, wc.weight_bits(), convention)
-        billed = nz_macs if convention == "zero-skipping" else macs
-        bw = wc.weight_bits() if not isinstance(wc, Float) else wc.bits
-        layers.append(
-            LayerCost(
-                name=name,
-                kind=_kind(m),
-                in_shape=ishape,
-                out_shape=oshape,
-                weight_codec=str(wc),
-                act_codec=str(ac),
-                params=numel + (out_ch if m.bias is not None else 0),
-                nonzero_params=nz,
-                bits_per_weight=float(bw),
-                storage_bits=bits,
-                macs=macs,
-                nonzero_macs=nz_macs,
-                bops=float(nz_macs * bw * act_bits),
-                mac_kind=kind,
-                energy_pj=billed * e_mac,
-                fp32_energy_pj=macs * mac_energy("fp32_mac", 32, 32, convention),
-                fp16_energy_pj=macs * mac_energy("fp16_mac", 16, 16, convention),
-            )
-        )
+        layers.append(_layer_cost(
+            name, _kind(m), ishape, oshape, wc, ac, numel, nz, per_weight_macs, bits,
+            numel + (out_ch if m.bias is not None else 0), convention,
+        ))  # fmt: skip
     n_params = sum(p.numel() for p in model.parameters() if not _is_codec_param(model, p))
+    weights = sum(m.weight.numel() for _, m, _, _ in records)
+    other_bits = _other_params_bits(model, folded_modules)
+    return _report(layers, n_params, weights, other_bits, list(x.shape[1:]), convention)
+
+
+def _report(layers, n_params, weights, other_bits, input_shape, convention) -> dict[str, Any]:
+    """Totals, baselines and ratios from the per-layer costs."""
     totals = {
         "params": n_params,
         "layer_params": sum(layer.params for layer in layers),
@@ -218,14 +211,12 @@ def analyze(
         "macs": sum(layer.macs for layer in layers),
         "nonzero_macs": sum(layer.nonzero_macs for layer in layers),
         "bops": sum(layer.bops for layer in layers),
-        "storage_bytes": _other_params_bits(model, folded_modules) / 8
-        + sum(layer.storage_bits for layer in layers) / 8,
+        "storage_bytes": other_bits / 8 + sum(layer.storage_bits for layer in layers) / 8,
         "energy_pj": sum(layer.energy_pj for layer in layers),
     }
     xnor_macs = sum(layer.macs for layer in layers if layer.mac_kind == "xnor")
     totals["ops_birealnet"] = (totals["macs"] - xnor_macs) + xnor_macs / 64
-    weights = sum(m.weight.numel() for _, m, _, _ in records)
-    totals["density"] = totals["nonzero_params"] / max(1, weights) if records else 1.0
+    totals["density"] = totals["nonzero_params"] / max(1, weights) if layers else 1.0
     baselines = {
         "fp32_storage_bytes": 4 * n_params,
         "fp16_storage_bytes": 2 * n_params,
@@ -240,7 +231,7 @@ def analyze(
     }
     return {
         "convention": convention,
-        "input_shape": list(x.shape[1:]),
+        "input_shape": input_shape,
         "layers": [layer.as_dict() for layer in layers],
         "totals": totals,
         "baselines": baselines,
@@ -253,6 +244,80 @@ def analyze(
             "lowbit."
         ),
     }
+
+
+def _analyze_frozen(frozen, convention: str) -> dict[str, Any]:
+    """The cost table of a frozen model (or a packed file): storage is what the packed
+    file stores (codes at their packing, every other tensor at its dtype)."""
+    from .codecs import codec_from_dict
+
+    layers: list[LayerCost] = []
+    other_bits = 0.0
+    for op in frozen.ops:
+        if op.kind not in ("conv", "linear"):
+            other_bits += sum(8.0 * t.numel() * t.element_size() for t in op.tensors.values())
+            continue
+        a = op.attrs
+        wc = codec_from_dict(a["weight_codec"])
+        ac = codec_from_dict(a["act_codec"])
+        codes = op.tensors["codes"]
+        numel = codes.numel()
+        nz = int((codes != 0).sum())
+        oshape, ishape = tuple(a["out_shape"]), tuple(a["in_shape"])
+        per_weight = oshape[1] * oshape[2] if op.kind == "conv" else 1
+        bits = 0.0
+        for name, t in op.tensors.items():
+            if name == "codes":
+                bits += numel * _stored_bits(wc)
+            else:
+                bits += 8.0 * t.numel() * t.element_size()
+        layers.append(_layer_cost(
+            a.get("module", op.name), _kind_of(op), (1, *ishape), (1, *oshape), wc, ac, numel,
+            nz, per_weight, bits, numel + (codes.shape[0] if a.get("has_bias") else 0),
+            convention,
+        ))  # fmt: skip
+    weights = sum(op.tensors["codes"].numel() for op in frozen.layers())
+    n_params = int(frozen.meta.get("fp_params") or sum(layer.params for layer in layers))
+    return _report(layers, n_params, weights, other_bits, frozen.meta.get("input_shape"),
+                   convention)  # fmt: skip
+
+
+def _stored_bits(wc) -> float:
+    """Bits per code in the packed file (fp16 and fp32 weights as such)."""
+    if isinstance(wc, Float):
+        return float(wc.bits)
+    return wc.weight_bits()
+
+
+def _kind_of(op) -> str:
+    if op.kind == "linear":
+        return "linear"
+    a = op.attrs
+    cin = a["weight_shape"][1] * a["groups"]
+    if a["groups"] > 1 and a["groups"] == cin:
+        return "depthwise"
+    if a["weight_shape"][2:] == [1, 1] and a["groups"] == 1:
+        return "pointwise"
+    return "conv"
+
+
+def _layer_cost(name, kind, ishape, oshape, wc, ac, numel, nz, per_weight_macs, bits, params,
+                convention) -> LayerCost:  # fmt: skip
+    act_bits = ac.act_bits() if not isinstance(ac, FloatAct) else ac.bits
+    mac_kind = wc.mac_kind(ac)
+    e_mac = mac_energy(mac_kind, act_bits, wc.weight_bits(), convention)
+    macs, nz_macs = numel * per_weight_macs, nz * per_weight_macs
+    billed = nz_macs if convention == "zero-skipping" else macs
+    bw = wc.weight_bits() if not isinstance(wc, Float) else wc.bits
+    return LayerCost(
+        name=name, kind=kind, in_shape=ishape, out_shape=oshape, weight_codec=str(wc),
+        act_codec=str(ac), codec=f"{codec_label(wc)}/{codec_label(ac)}", params=params,
+        nonzero_params=nz, bits_per_weight=float(bw),
+        storage_bits=bits, macs=macs, nonzero_macs=nz_macs,
+        bops=float(nz_macs * bw * act_bits), mac_kind=mac_kind, energy_pj=billed * e_mac,
+        fp32_energy_pj=macs * mac_energy("fp32_mac", 32, 32, convention),
+        fp16_energy_pj=macs * mac_energy("fp16_mac", 16, 16, convention),
+    )  # fmt: skip
 
 
 def _is_codec_param(model: nn.Module, p: torch.Tensor) -> bool:
@@ -295,7 +360,7 @@ def format_table(report: dict[str, Any]) -> str:
             [
                 r["name"],
                 r["kind"],
-                f"{_short(r['weight_codec'])}/{_short(r['act_codec'])}",
+                r["codec"],
                 f"{r['params']:,}",
                 f"{r['nonzero_params']:,}",
                 f"{r['bits_per_weight']:g}",
@@ -328,8 +393,25 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _short(codec: str) -> str:
-    return codec.replace("Int8Act", "int8").replace("FloatAct(bits=32)", "fp32").split(",")[0]
+def codec_label(c) -> str:
+    """A short name for a codec: int8, ternary, binary01, fixed6, fp32, uint8, sign, ..."""
+    from .codecs import FixedPoint, Int, Ternary
+
+    if isinstance(c, Float | FloatAct):
+        return f"fp{c.bits}"
+    if isinstance(c, Int):
+        return f"int{c.bits}"
+    if isinstance(c, Ternary):
+        return "ternary" if c.per_channel else "ternary/t"
+    if isinstance(c, Binary):
+        return {"pm1": "binary", "01": "binary01", "ab": "binaryab"}[c.domain]
+    if isinstance(c, FixedPoint):
+        return f"fixed{1 + c.integer_bits + c.fraction_bits}"
+    if isinstance(c, Int8Act):
+        return {None: "int8", True: "sint8", False: "uint8"}[c.signed]
+    if isinstance(c, SignAct):
+        return "sign"
+    return getattr(c, "type_name", type(c).__name__)
 
 
 # re-export for users who want the mac kinds next to the energy table

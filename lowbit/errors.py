@@ -27,3 +27,7 @@ class TrainingInterrupted(LowbitError):
         where = f"epoch {epoch + 1}, step {step}"
         saved = f"; checkpoint saved to {path}" if path else ""
         super().__init__(f"interrupted at {where}{saved}")
+
+
+class FormatError(LowbitError, ValueError):
+    """A ``.lowbit`` file is malformed, damaged, or of a newer format version."""

@@ -218,23 +218,55 @@ class FrozenModel:
 
     @classmethod
     def from_parts(cls, graph: dict[str, Any], tensors: dict[str, Tensor]) -> FrozenModel:
-        """Inverse of ``graph()`` + ``tensors()`` (used by the file loader)."""
-        version = int(graph.get("format_version", 0))
+        """Inverse of ``graph()`` + ``tensors()`` (used by the file loader). Checks the
+        graph's structure: op kinds, names, that every input is defined before use and
+        every tensor exists with the shape the graph says."""
+        if not isinstance(graph, dict):
+            raise FreezeError("frozen graph is not a JSON object")
+        version = graph.get("format_version")
         if version != FORMAT_VERSION:
-            raise FreezeError(f"frozen graph version {version} is not supported ({FORMAT_VERSION})")
+            raise FreezeError(f"frozen graph version {version!r} is not {FORMAT_VERSION}")
+        ops_in = graph.get("ops")
+        if not isinstance(ops_in, list) or not ops_in:
+            raise FreezeError("frozen graph has no ops")
+        inp, out = graph.get("input"), graph.get("output")
+        if not isinstance(inp, str) or not isinstance(out, str):
+            raise FreezeError("frozen graph: input and output must be names")
+        defined = {inp}
         ops = []
-        for d in graph["ops"]:
-            if d["kind"] not in KINDS:
-                raise FreezeError(f"unknown op kind {d['kind']!r} in frozen graph")
+        for i, d in enumerate(ops_in):
+            where = f"frozen graph op {i}"
+            if not isinstance(d, dict):
+                raise FreezeError(f"{where}: not an object")
+            kind, name, output = d.get("kind"), d.get("name"), d.get("output")
+            inputs, attrs, tdesc = d.get("inputs"), d.get("attrs"), d.get("tensors")
+            if kind not in KINDS:
+                raise FreezeError(f"{where}: unknown op kind {kind!r}")
+            if not isinstance(name, str) or not isinstance(output, str):
+                raise FreezeError(f"{where}: name and output must be strings")
+            if not isinstance(attrs, dict) or not isinstance(tdesc, dict):
+                raise FreezeError(f"{where} ({name}): attrs and tensors must be objects")
+            if not isinstance(inputs, list) or not all(isinstance(v, str) for v in inputs):
+                raise FreezeError(f"{where} ({name}): inputs must be a list of names")
+            missing = [v for v in inputs if v not in defined]
+            if missing:
+                raise FreezeError(f"{where} ({name}): input {missing[0]!r} is not defined before")
+            defined.add(output)
             ts = {}
-            for k in d["tensors"]:
-                key = f"{d['name']}/{k}"
+            for k, spec in tdesc.items():
+                key = f"{name}/{k}"
                 if key not in tensors:
                     raise FreezeError(f"frozen graph: tensor {key!r} missing")
-                ts[k] = tensors[key]
-            ops.append(FrozenOp(d["kind"], d["name"], list(d["inputs"]), d["output"],
-                                dict(d["attrs"]), ts))  # fmt: skip
-        return cls(ops, graph["input"], graph["output"], graph.get("meta", {}))
+                t = tensors[key]
+                if isinstance(spec, list) and len(spec) == 2 and list(t.shape) != spec[1]:
+                    raise FreezeError(f"tensor {key!r} has shape {list(t.shape)}, the graph "
+                                      f"says {spec[1]}")  # fmt: skip
+                ts[k] = t
+            ops.append(FrozenOp(kind, name, list(inputs), output, dict(attrs), ts))
+        if out not in defined:
+            raise FreezeError(f"frozen graph: output {out!r} is never computed")
+        meta = graph.get("meta", {})
+        return cls(ops, inp, out, meta if isinstance(meta, dict) else {})
 
     def summary(self) -> str:
         lines = []
@@ -534,6 +566,9 @@ class _Builder:
             "weight_codec": wc.to_dict(),
             "act_codec": ac.to_dict(),
             "weight_shape": list(m.weight.shape),
+            "has_bias": m.bias is not None,
+            "in_shape": list(self.values[x.name].shape[1:]),
+            "out_shape": list(self.values[node.name].shape[1:]),
         }
         if isinstance(m, nn.Conv2d):
             attrs.update(stride=_pair(m.stride), padding=_pair(m.padding),
@@ -833,6 +868,9 @@ def freeze(
             op.tensors = {k: v.detach().cpu().contiguous() for k, v in op.tensors.items()}
         info = dict(meta or {})
         info.setdefault("input_shape", list(x.shape[1:]))
+        codec_ids = {id(p) for m in model.modules() if isinstance(m, QuantConv2d | QuantLinear)
+                     for p in [*m.codec_params.values(), *m.act.parameters()]}  # fmt: skip
+        info["fp_params"] = sum(p.numel() for p in model.parameters() if id(p) not in codec_ids)
         recipe = getattr(model, "lowbit_recipe", None)
         if recipe is not None:
             info.setdefault("recipe", recipe.to_dict())

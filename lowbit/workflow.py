@@ -339,10 +339,13 @@ def compress_model(
     result = trainer.fit(train_set, test_set, resume=resume_from)
     net = trainer.model.cpu()
     frozen_info: dict[str, Any] = {}
+    costed = net
     if trainer.is_main:
         fmeta = {**meta, "input_shape": list(train_set.shape)}
-        frozen_info = freeze_and_pack(net, example, test_set, test_tf, out / "model.lowbit", fmeta)
-    report = analyze(net, example, convention=convention)
+        costed, frozen_info = freeze_and_pack(net, example, test_set, test_tf,
+                                              out / "model.lowbit", fmeta)  # fmt: skip
+    # the cost of the frozen model: its storage is what the packed file holds
+    report = analyze(costed, example, convention=convention)
     report = {"model": ckpt["model"]["name"], "method": method, **report}
     summary = {
         "method": method,
@@ -398,20 +401,23 @@ def frozen_agreement(net, frozen, data, transform, batch_size: int = 500) -> dic
     return {"agreement": same / n, "qat_accuracy": correct_q / n, "frozen_accuracy": correct_f / n}
 
 
-def freeze_and_pack(net, example, test_set, test_tf, path: Path, meta: dict) -> dict[str, Any]:
+def freeze_and_pack(net, example, test_set, test_tf, path: Path, meta: dict):
     """Freeze ``net``, check it against the QAT model on ``test_set``, write the packed
-    file. Returns the figures the compress result reports."""
+    file. Returns the frozen model and the figures the compress result reports."""
     from .freeze import freeze
     from .packfile import save
 
     frozen = freeze(net, example, meta=json.loads(json.dumps(meta, default=str)))
     check = frozen_agreement(net, frozen, test_set, test_tf)
+    frozen.meta["test_accuracy_at_save"] = check["frozen_accuracy"]
     saved = save(frozen, path)
-    return {
+    return frozen, {
         "frozen_agreement": check["agreement"],
         "frozen_test_accuracy": check["frozen_accuracy"],
         "packed": saved["path"],
         "packed_bytes": saved["bytes"],
+        "packed_payload_bytes": saved["payload_bytes"],
+        "packed_header_bytes": saved["header_bytes"],
     }
 
 
@@ -428,9 +434,105 @@ def _summary_md(s: dict[str, Any]) -> str:
             f"| energy | {s['energy_pj']:.4g} pJ (x{s['energy_vs_fp16']:.2f} vs fp16, "
             f"{s['convention']}) |",
             f"| density | {s['density']:.3f} |",
-            f"| packed file | {s.get('packed_bytes', 0):,} B ({s.get('packed')}) |",
+            f"| packed file | {s.get('packed_bytes', 0):,} B: {s.get('packed_payload_bytes', 0):,} "
+            f"B tensors + {s.get('packed_header_bytes', 0):,} B header ({s.get('packed')}) |",
             f"| frozen vs QAT predictions | {100 * s.get('frozen_agreement', 0):.2f}% the same |",
             f"| QAT epochs / seconds | {s['epochs']} / {s['seconds']:.0f} |",
             "",
         ]
     )
+
+
+def save_checkpoint_packed(
+    checkpoint: str | os.PathLike, output: str | os.PathLike, example_shape=None
+) -> dict[str, Any]:
+    """``lowbit save``: freeze a checkpoint (QAT or FP) and write the packed file."""
+    from .cost import analyze
+    from .freeze import freeze
+    from .packfile import save
+
+    if not str(output).endswith(".lowbit"):
+        raise ValueError(f"the output file should end in .lowbit, got {output}")
+    net, ckpt = build_from_checkpoint(checkpoint)
+    meta = {
+        "model": ckpt.get("model"),
+        "data": ckpt.get("data") or (ckpt.get("meta") or {}).get("data"),
+        "recipe": ckpt.get("recipe"),
+        "lowbit_version": __version__,
+        "checkpoint": str(checkpoint),
+        "test_accuracy_at_save": (ckpt.get("history") or [{}])[-1].get("test_accuracy"),
+    }
+    shape = (ckpt.get("model") or {}).get("input_shape") or example_shape
+    example = torch.zeros(1, *shape) if shape else None
+    frozen = freeze(net.cpu().eval(), example, meta=json.loads(json.dumps(meta, default=str)))
+    saved = save(frozen, output)
+    report = analyze(frozen)
+    return {
+        **saved,
+        "model": (meta["model"] or {}).get("name"),
+        "method": (meta["recipe"] or {}).get("method", "fp32"),
+        "storage_bytes": report["totals"]["storage_bytes"],
+        "compression_vs_fp32": report["ratios"]["storage_vs_fp32"],
+        "energy_vs_fp16": report["ratios"]["energy_vs_fp16"],
+    }
+
+
+def run_packed(
+    path: str | os.PathLike,
+    data: str,
+    data_dir: str | os.PathLike | None = None,
+    limit_test: int | None = None,
+    batch_size: int = 256,
+    threads: int | None = None,
+    seed: int = 0,
+    check: bool = False,
+) -> dict[str, Any]:
+    """``lowbit run``: accuracy of a packed file with lowbit's runtime, from the file alone
+    (its stored normalization applied to the raw uint8 test images)."""
+    import numpy as np
+
+    from . import data as data_mod
+    from .runtime import load
+
+    engine = load(path, threads=threads)
+    meta = engine.meta
+    dmeta = meta.get("data") or {}
+    test = data_mod.load(data, "test", data_dir).subset(limit_test, seed=seed)
+    want = meta.get("input_shape")
+    if want and list(test.shape) != list(want):
+        raise ValueError(f"{path} takes inputs of shape {want}; {data} has {list(test.shape)}")
+    mean = np.asarray(dmeta.get("mean", test.mean), np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(dmeta.get("std", test.std), np.float32).reshape(1, -1, 1, 1)
+    images, labels = np.asarray(test.images), np.asarray(test.labels)
+    correct = 0
+    preds = []
+    t0 = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        x = (images[i : i + batch_size].astype(np.float32) / np.float32(255.0) - mean) / std
+        p = engine(np.ascontiguousarray(x, dtype=np.float32)).argmax(1)
+        preds.append(p)
+        correct += int((p == labels[i : i + batch_size]).sum())
+    seconds = time.perf_counter() - t0
+    n = max(1, len(images))
+    result = {
+        "model": (meta.get("model") or {}).get("name"),
+        "method": (meta.get("recipe") or {}).get("method", "fp32"),
+        "data": data_mod.canonical_name(data),
+        "test_samples": len(images),
+        "test_accuracy": correct / n,
+        "seconds": round(seconds, 3),
+        "ms_per_image": 1000 * seconds / n,
+        "file": str(path),
+    }
+    if check:
+        from .packfile import load_frozen
+
+        frozen = load_frozen(path)
+        ref = []
+        for i in range(0, len(images), batch_size):
+            x = (images[i : i + batch_size].astype(np.float32) / np.float32(255.0) - mean) / std
+            ref.append(frozen(torch.from_numpy(np.ascontiguousarray(x))).argmax(1).numpy())
+        result["agreement_with_reference"] = float(
+            (np.concatenate(preds) == np.concatenate(ref)).mean()
+        )
+    return result

@@ -156,12 +156,39 @@ def test_compress_prom_end_to_end(tmp_path, capsys):
         assert res[key] is not None, key
     assert res["compression_vs_fp32"] > 4 and res["energy_vs_fp16"] > 10
     assert 0 < res["density"] < 1  # ternary pointwise weights have zeros
-    for f in ("cost.json", "cost.md", "summary.md", "qat/last.pt", "fp/last.pt"):
+    for f in ("cost.json", "cost.md", "summary.md", "qat/last.pt", "fp/last.pt", "model.lowbit"):
         assert (tmp_path / "c" / f).exists(), f
+    # the frozen model predicts what the QAT model predicts; the file holds what the cost
+    # model counts
+    assert res["frozen_agreement"] >= 0.99
+    assert res["packed_payload_bytes"] == pytest.approx(res["storage_bytes"], rel=0.01)
+    assert res["packed_bytes"] == (tmp_path / "c" / "model.lowbit").stat().st_size
     code, out, err = run(capsys, "eval", "--checkpoint", res["checkpoint"], "--json",
                          "--limit-test", "32")  # fmt: skip
     assert code == 0, err
     assert json.loads(out)["test_accuracy"] == pytest.approx(res["test_accuracy"])
+    # lowbit save freezes the checkpoint again: the same file contents
+    code, out, err = run(capsys, "save", res["checkpoint"], "-o", str(tmp_path / "again.lowbit"),
+                         "--json")  # fmt: skip
+    assert code == 0, err
+    saved = json.loads(out)
+    assert saved["payload_bytes"] == res["packed_payload_bytes"]
+    assert saved["method"] == "prom" and saved["storage_bytes"] == res["storage_bytes"]
+    code, out, err = run(capsys, "analyze", "--checkpoint", saved["path"], "--json")
+    assert code == 0, err
+    assert json.loads(out)["totals"]["storage_bytes"] == saved["payload_bytes"]
+
+
+def test_save_errors(tmp_path, capsys):
+    target = str(tmp_path / "x.lowbit")
+    code, out, err = run(capsys, "save", str(tmp_path / "none.pt"), "-o", target, "--json")
+    assert code == 1 and "Traceback" not in err and json.loads(out)["error"]
+    code, out, err = run(capsys, "analyze", "--checkpoint", str(tmp_path / "none.lowbit"), "--json")
+    assert code == 1 and "Traceback" not in err and json.loads(out)["error"]
+    junk = tmp_path / "junk.lowbit"
+    junk.write_bytes(b"junk")
+    code, out, err = run(capsys, "analyze", "--checkpoint", str(junk), "--json")
+    assert code == 1 and "not a lowbit file" in json.loads(out)["error"]
 
 
 def test_compress_unknown_method(tmp_path, capsys):
