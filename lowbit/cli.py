@@ -290,6 +290,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     qat_lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 1e-4)
     qat_config = replace(_train_config(args), lr=qat_lr)
     options = _parse_kv(args.method_arg, "--method-arg")
+    for flag in ("density",):  # method options with their own flags
+        if getattr(args, flag, None) is not None:
+            options[flag] = getattr(args, flag)
     result = compress_model(
         method=args.method,
         model=args.model,
@@ -460,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp-epochs", type=int, help="epochs of the FP run (default: --epochs)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted QAT run")
+    p.add_argument(
+        "--density", type=float, help="target fraction of non-zero weights (sbnn; default 0.05)"
+    )
     p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
     _add_data(p)
     _add_training(p)
