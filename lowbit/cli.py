@@ -537,6 +537,9 @@ def _configure_torch(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # PyTorch's and numba's OpenMP pools spin while idle and starve each other when one
+    # process uses both (lowbit bench/run): make idle threads sleep. Must precede both.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _JSON_FLAG[0] = "--json" in argv
     # `--model mypkg.mod:factory` should find modules in the current folder, like `python -m`.
     if os.getcwd() not in sys.path:

@@ -214,6 +214,205 @@ _tile_11 = _make_vnni_tile(1, 1)
 # ---------------------------------------------------------------------------------------
 # GEMM drivers: acc[p, o] = init[o] + sum_k xu[p, k] * w[o, k]  (xu uint8, w int8)
 
+
+def _make_xnor_tile(mr: int, nv: int):
+    """An intrinsic accumulating popcounts for ``mr`` pixels x ``8*nv`` output channels.
+
+    ``tile(x, xoff, pstride, koff, nk, w, woff, wvstride, out, ooff, ostride)``: ``x`` packed signs
+    (uint64), pixel ``r``'s word ``k`` at ``xoff + r*pstride + koff[k]``; ``w`` packed
+    weights (uint64), for each of the ``nv`` 8-channel blocks (``wvstride`` words apart,
+    first at ``woff``) ``nk`` groups of 8 words; ``out`` int64, ``out[ooff + r*ostride + o] =
+    sum_k popcount(x_r[k] ^ w_o[k])`` (written, not accumulated)."""
+
+    @intrinsic
+    def tile(typingctx, x_t, xoff_t, ps_t, koff_t, nk_t, w_t, woff_t, wvs_t, o_t, ooff_t, os_t):
+        ip = types.intp
+        sig = types.void(x_t, ip, ip, koff_t, ip, w_t, ip, ip, o_t, ip, ip)
+
+        def codegen(context, builder, sig, args):
+            x, xoff, ps, koff, nk, w, woff, wvs, out, ooff, ostride = args
+            i64 = ir.IntType(64)
+            i64p = i64.as_pointer()
+            v8 = ir.VectorType(i64, 8)
+            v8p = v8.as_pointer()
+
+            def data(ty, val):
+                return builder.bitcast(context.make_array(ty)(context, builder, val).data, i64p)
+
+            def c64(v):
+                return ir.Constant(i64, v)
+
+            xb = builder.gep(data(sig.args[0], x), [xoff])
+            kb = data(sig.args[3], koff)
+            wb = builder.gep(data(sig.args[5], w), [woff])
+            ob = builder.gep(data(sig.args[8], out), [ooff])
+            pop = builder.module.declare_intrinsic(
+                "llvm.ctpop.v8i64", fnty=ir.FunctionType(v8, [v8])
+            )
+            wvptr = [builder.gep(wb, [builder.mul(wvs, c64(v))]) for v in range(nv)]
+            xrow = [builder.gep(xb, [builder.mul(ps, c64(r))]) for r in range(mr)]
+            pre = builder.basic_block
+            loop = builder.append_basic_block("xnor_loop")
+            done = builder.append_basic_block("xnor_done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(c64(0), pre)
+            zero = ir.Constant(v8, None)
+            acc = [[builder.phi(v8) for _ in range(nv)] for _ in range(mr)]
+            for r in range(mr):
+                for v in range(nv):
+                    acc[r][v].add_incoming(zero, pre)
+            wk = builder.mul(k, c64(8))
+            wv = []
+            for v in range(nv):
+                ld = builder.load(builder.bitcast(builder.gep(wvptr[v], [wk]), v8p))
+                ld.align = 8
+                wv.append(ld)
+            ko = builder.load(builder.gep(kb, [k]))
+            new = []
+            for r in range(mr):
+                xi = builder.load(builder.gep(xrow[r], [ko]))
+                xv = builder.insert_element(
+                    ir.Constant(v8, ir.Undefined), xi, ir.Constant(ir.IntType(32), 0)
+                )
+                xv = builder.shuffle_vector(
+                    xv,
+                    ir.Constant(v8, ir.Undefined),
+                    ir.Constant(ir.VectorType(ir.IntType(32), 8), None),
+                )
+                new.append([builder.add(acc[r][v], builder.call(pop, [builder.xor(xv, wv[v])]))
+                            for v in range(nv)])  # fmt: skip
+            k1 = builder.add(k, c64(1))
+            end = builder.basic_block
+            k.add_incoming(k1, end)
+            for r in range(mr):
+                for v in range(nv):
+                    acc[r][v].add_incoming(new[r][v], end)
+            builder.cbranch(builder.icmp_signed("<", k1, nk), loop, done)
+            builder.position_at_end(done)
+            for r in range(mr):
+                orow = builder.gep(ob, [builder.mul(ostride, c64(r))])
+                for v in range(nv):
+                    st = builder.store(new[r][v], builder.bitcast(
+                        builder.gep(orow, [c64(8 * v)]), v8p))  # fmt: skip
+                    st.align = 8
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_XMR, _XNV = 4, 4
+_xtile_44 = _make_xnor_tile(_XMR, _XNV)
+_xtile_41 = _make_xnor_tile(_XMR, 1)
+_xtile_14 = _make_xnor_tile(1, _XNV)
+_xtile_11 = _make_xnor_tile(1, 1)
+
+
+@njit(parallel=True, cache=True)
+def _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, W, out):
+    # xpad [N, Hp, Wp, CW] uint64 (zero words in the padding), koff [kh*kw*CW] word offsets
+    # of each k from a window's origin, wb [OB, K, 8] uint64 (8-channel blocks), wpop
+    # [kh*kw, O] int64 popcounts of each tap's weights, out [N, Ho, Wo, O] int32.
+    N, Hp, Wp, CW = xpad.shape
+    OB, Kk, _ = wb.shape
+    Ho = out.shape[1]
+    Wo = out.shape[2]
+    O = out.shape[3]
+    Op = OB * 8
+    wvs = Kk * 8
+    ps = sw * CW
+    for r in prange(N * Ho):
+        n = r // Ho
+        ho = r % Ho
+        cnt = np.empty(Wo * Op, np.int64)
+        row0 = ((n * Hp + ho * sh) * Wp) * CW
+        wo = 0
+        while wo < Wo:
+            full = wo + _XMR <= Wo
+            x0 = row0 + wo * sw * CW
+            ob = 0
+            while ob < OB:
+                four = ob + _XNV <= OB
+                oo = wo * Op + ob * 8
+                if full and four:
+                    _xtile_44(xpad, x0, ps, koff, Kk, wb, ob * wvs, wvs, cnt, oo, Op)
+                elif full:
+                    _xtile_41(xpad, x0, ps, koff, Kk, wb, ob * wvs, wvs, cnt, oo, Op)
+                elif four:
+                    _xtile_14(xpad, x0, ps, koff, Kk, wb, ob * wvs, wvs, cnt, oo, Op)
+                else:
+                    _xtile_11(xpad, x0, ps, koff, Kk, wb, ob * wvs, wvs, cnt, oo, Op)
+                ob += _XNV if four else 1
+            wo += _XMR if full else 1
+        # epilogue: valid taps only (padded taps added popcount(w) to the counts)
+        for wo in range(Wo):
+            orow = out[n, ho, wo]
+            base = wo * Op
+            h0 = ho * sh - ph
+            w0 = wo * sw - pw
+            border = h0 < 0 or h0 + (kh - 1) * dh >= H or w0 < 0 or w0 + (kw - 1) * dw >= W
+            if not border:
+                tot = kh * kw * C
+                for o in range(O):
+                    orow[o] = np.int32(tot - 2 * cnt[base + o])
+            else:
+                nvalid = 0
+                for o in range(O):
+                    orow[o] = 0
+                for i in range(kh):
+                    hi = h0 + i * dh
+                    for j in range(kw):
+                        wi = w0 + j * dw
+                        if hi < 0 or hi >= H or wi < 0 or wi >= W:
+                            t = i * kw + j
+                            for o in range(O):
+                                orow[o] += np.int32(wpop[t, o])
+                        else:
+                            nvalid += 1
+                tot = nvalid * C
+                for o in range(O):
+                    orow[o] = np.int32(tot - 2 * (cnt[base + o] - orow[o]))
+
+
+def prepare_binary_conv(wp: np.ndarray):
+    """Packed binary conv weights ``[O, kh, kw, CW]`` (:func:`pack_binary_weights`) ->
+    ``(wb [ceil(O/8), kh*kw*CW, 8], wpop [kh*kw, O] int64)`` for :func:`conv2d_binary_tiled`."""
+    O, kh, kw, CW = wp.shape
+    OB = -(-O // 8)
+    w = np.zeros((OB * 8, kh * kw * CW), np.uint64)
+    w[:O] = wp.reshape(O, -1)
+    wb = np.ascontiguousarray(w.reshape(OB, 8, -1).transpose(0, 2, 1))
+    bits = np.unpackbits(wp.view(np.uint8), axis=-1).reshape(O, kh * kw, -1)
+    wpop = np.ascontiguousarray(bits.sum(-1, dtype=np.int64).T)
+    return wb, wpop
+
+
+def conv2d_binary_tiled(xp, C, wb, wpop, kh, kw, stride=(1, 1), padding=(0, 0),
+                        dilation=(1, 1)) -> np.ndarray:  # fmt: skip
+    """As :func:`conv2d_binary` with weights from :func:`prepare_binary_conv`: a register-
+    blocked XOR + popcount micro-kernel (4 pixels x 32 channels, vpopcntq on 512-bit
+    vectors) over a zero-padded copy of the input, border taps corrected exactly."""
+    sh, sw = _pair(stride, "stride", 1)
+    ph, pw = _pair(padding, "padding", 0)
+    dh, dw = _pair(dilation, "dilation", 1)
+    N, H, W, CW = xp.shape
+    Ho = _out_size(H, kh, sh, ph, dh, "height")
+    Wo = _out_size(W, kw, sw, pw, dw, "width")
+    Hp = max(H + 2 * ph, (Ho - 1) * sh + (kh - 1) * dh + 1)
+    Wp = max(W + 2 * pw, (Wo - 1) * sw + (kw - 1) * dw + 1)
+    xpad = np.zeros((N, Hp, Wp, CW), np.uint64)
+    xpad[:, ph : ph + H, pw : pw + W] = xp
+    koff = np.array([(i * dh * Wp + j * dw) * CW + c for i in range(kh) for j in range(kw)
+                     for c in range(CW)], np.int64)  # fmt: skip
+    O = wpop.shape[1]
+    out = np.empty((N, Ho, Wo, O), np.int32)
+    _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, W, out)
+    return out
+
+
 _TB = 4  # tiles per parallel task: a task runs _TB * _MR rows against all weights
 
 
@@ -564,7 +763,11 @@ def prepare_conv(w: np.ndarray, groups: int = 1, kind: str = "int8") -> PackedCo
 def prepare_linear(w: np.ndarray, kind: str = "int8") -> PackedConv:
     """Repack int8 linear codes ``[O, K]`` for :func:`linear_int`."""
     w = _check_weights(w, 2)
-    return prepare_conv(w.reshape(w.shape[0], 1, 1, w.shape[1]), 1, kind)
+    O, Kk = w.shape
+    if O == 1 and Kk == 1:  # prepare_conv would take a 1x1 1-channel conv for depthwise
+        wp, w2d, corr, zero = (a[None] for a in _pack_gemm(w))
+        return PackedConv(kind, 1, 1, 1, 1, 1, False, wp, w2d, corr, zero)
+    return prepare_conv(w.reshape(O, 1, 1, Kk), 1, kind)
 
 
 def _check_ternary(w: np.ndarray) -> None:
