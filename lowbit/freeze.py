@@ -539,6 +539,8 @@ class _Builder:
             self.emit("pad", node, targs[:1], {"pad": list(pad), "value": float(value or 0.0)})
         elif name == "getitem":
             self.emit("slice", node, targs[:1], {"slices": _slices(node, self)})
+        elif name in ("max_pool2d", "avg_pool2d"):
+            self.emit(name[:3] + "pool", node, targs[:1], _pool_attrs(node, name))
         elif name in ("adaptive_avg_pool2d",):
             if _pair(node.args[1]) != [1, 1]:
                 raise self.unsupported(node, "adaptive pooling to a size other than 1x1")
@@ -738,6 +740,30 @@ class _Builder:
                     f"layer {op.attrs['module']}: the int32 accumulator could overflow (worst "
                     f"case {worst:,}); use fewer weight bits"
                 )
+
+
+def _pool_attrs(node, name: str) -> dict[str, Any]:
+    """Attributes of F.max_pool2d / F.avg_pool2d from the call's arguments."""
+    order = (["kernel_size", "stride", "padding", "dilation", "ceil_mode"] if name == "max_pool2d"
+             else ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                   "divisor_override"])  # fmt: skip
+    args = dict(zip(order, node.args[1:], strict=False))
+    args.update({k: v for k, v in node.kwargs.items() if k in order})
+    if any(isinstance(v, fx.Node) for v in args.values()):
+        raise FreezeError(f"{name} with computed arguments (node {node.name})")
+    kernel = _pair(args["kernel_size"])
+    stride = _pair(args.get("stride") or kernel)
+    attrs = {"kernel": kernel, "stride": stride, "padding": _pair(args.get("padding", 0)),
+             "ceil_mode": bool(args.get("ceil_mode", False))}  # fmt: skip
+    if name == "max_pool2d":
+        attrs["dilation"] = _pair(args.get("dilation", 1))
+        if node.kwargs.get("return_indices"):
+            raise FreezeError(f"max_pool2d with return_indices (node {node.name})")
+    else:
+        if args.get("divisor_override"):
+            raise FreezeError(f"avg_pool2d with divisor_override (node {node.name})")
+        attrs["count_include_pad"] = bool(args.get("count_include_pad", True))
+    return attrs
 
 
 def _round_even(v: float) -> int:

@@ -287,3 +287,25 @@ def test_bad_files_are_clear_errors(tmp_path, fp_net):
         load_frozen(newer)
     with pytest.raises(TypeError, match="FrozenModel"):
         save(fp_net, tmp_path / "x.lowbit")
+
+
+def test_functional_pooling_freezes():
+    class M(nn.Module):
+        default_input_shape = (1, 8, 8)
+
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 2 * 2, 3)
+
+        def forward(self, x):
+            x = F.max_pool2d(torch.relu(self.c(x)), 2)
+            x = F.avg_pool2d(x, kernel_size=2, stride=2)
+            return self.fc(torch.flatten(x, 1))
+
+    m = M().eval()
+    frozen = freeze(m)
+    assert [op.kind for op in frozen.ops][1:4] == ["relu", "maxpool", "avgpool"]
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(frozen(x), m(x), atol=1e-6)
