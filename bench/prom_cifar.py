@@ -1,12 +1,14 @@
 """PROM on MobileNetV2 (CIFAR-10): accuracy against the FP model with the same budget.
 
-The budget of the FP baseline in ``bench/results/baselines.json``
-(``mobilenetv2-w0.5-cifar10``: 5 epochs at width 0.5) is split here into FP epochs then
-PROM QAT epochs (default 3 + 2), so both models see the same number of training
-epochs. Then the QAT model is frozen and the frozen model's predictions are compared
-with the QAT model's on the whole test set. Resumable: rerun to continue.
+A training budget of E epochs is split into FP epochs then PROM QAT epochs (default
+3 + 2), and an FP model trained for all E epochs with the same options is the
+same-budget reference (with the full training set and the defaults, the FP run of
+``bench/results/baselines.json``, ``mobilenetv2-w0.5-cifar10``, is reused). Then the QAT
+model is frozen and the frozen model's predictions are compared with the QAT model's on
+the whole test set. Resumable: rerun to continue.
 
     LOWBIT_DATA=../shared/data python bench/prom_cifar.py
+    LOWBIT_DATA=../shared/data python bench/prom_cifar.py --limit-train 10000   # quicker
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,38 +39,49 @@ def main() -> None:
     ap.add_argument("--qat-lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limit-train", type=int, help="train on the first N images (shuffled)")
     ap.add_argument("--runs-dir", default=str(HERE / "runs" / "prom-cifar"))
     args = ap.parse_args()
     if not os.environ.get("LOWBIT_DATA"):
         sys.exit("set LOWBIT_DATA to the folder holding cifar10/")
     torch.set_num_threads(args.threads)
-    root = Path(args.runs_dir)
+    root = Path(args.runs_dir) / (f"limit{args.limit_train}" if args.limit_train else "full")
+    lim = args.limit_train
     progress = sys.stderr.isatty()
     fp_cfg = TrainConfig(epochs=args.fp_epochs, batch_size=128, optimizer="sgd", lr=0.1,
                          weight_decay=4e-5, warmup_epochs=1, seed=args.seed,
                          progress=progress)  # fmt: skip
-    fp_dir = root / "fp"
-    resume = fp_dir / "last.pt" if (fp_dir / "last.pt").exists() else None
     t0 = time.perf_counter()
-    done = resume is not None and load_checkpoint(resume).get("epoch", 0) >= args.fp_epochs
-    if done:
-        fp_ckpt = str(resume)
-    else:
-        fp = train_model("mobilenetv2", "cifar10", fp_dir, fp_cfg,
-                         model_kwargs={"width": args.width}, resume=resume)  # fmt: skip
-        fp_ckpt = fp["checkpoint"]
+
+    def fp_run(out: Path, cfg: TrainConfig) -> dict:
+        resume = out / "last.pt" if (out / "last.pt").exists() else None
+        if resume is not None and load_checkpoint(resume).get("epoch", 0) >= cfg.epochs:
+            ck = load_checkpoint(resume)
+            return {"checkpoint": str(resume), "test_accuracy": ck["history"][-1]["test_accuracy"],
+                    "epochs": ck["epoch"]}  # fmt: skip
+        return train_model("mobilenetv2", "cifar10", out, cfg, model_kwargs={"width": args.width},
+                           limit_train=lim, resume=resume)  # fmt: skip
+
+    fp_ckpt = fp_run(root / "fp", fp_cfg)["checkpoint"]
     qat_cfg = TrainConfig(epochs=args.qat_epochs, batch_size=128, optimizer="sgd",
                           lr=args.qat_lr, weight_decay=4e-5, seed=args.seed,
                           progress=progress)  # fmt: skip
     res = compress_model("prom", "mobilenetv2", "cifar10", root / "prom", qat_cfg,
-                         from_checkpoint=fp_ckpt, resume=True)  # fmt: skip
+                         from_checkpoint=fp_ckpt, limit_train=lim, resume=True)  # fmt: skip
+    total = args.fp_epochs + args.qat_epochs
     baselines = json.loads((HERE / "results" / "baselines.json").read_text())
     base = baselines.get("mobilenetv2-w0.5-cifar10", {})
+    reuse = lim is None and args.width == 0.5 and base.get("epochs") == total
+    if not reuse:  # train the same-budget FP reference here
+        ref = fp_run(root / "fp-same-budget", replace(fp_cfg, epochs=total))
+        base = {"test_accuracy": ref["test_accuracy"], "epochs": total}
     out = {
         "command": "LOWBIT_DATA=../shared/data python bench/prom_cifar.py "
-        f"--width {args.width} --fp-epochs {args.fp_epochs} --qat-epochs {args.qat_epochs}",
+        f"--width {args.width} --fp-epochs {args.fp_epochs} --qat-epochs {args.qat_epochs}"
+        + (f" --limit-train {lim}" if lim else ""),
         "model": f"mobilenetv2, width={args.width}",
-        "data": "cifar10 (50,000 train / 10,000 test)",
+        "data": f"cifar10 ({lim or 50000:,} train / 10,000 test)",
+        "limit_train": lim,
         "seed": args.seed,
         "threads": args.threads,
         "fp_epochs": args.fp_epochs,
@@ -84,12 +98,13 @@ def main() -> None:
         "energy_vs_fp16": res["energy_vs_fp16"],
         "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
     }
-    write_json(HERE / "results" / "prom_cifar.json", out)
+    name = f"prom_cifar_limit{lim}" if lim else "prom_cifar"
+    write_json(HERE / "results" / f"{name}.json", out)
     gap = None
     if out["same_budget_fp_test_accuracy"] is not None:
         gap = 100 * (out["same_budget_fp_test_accuracy"] - out["prom_test_accuracy"])
     lines = [
-        "# PROM on MobileNetV2, CIFAR-10",
+        f"# PROM on MobileNetV2, CIFAR-10 ({out['data']})",
         "",
         f"Command: `{out['command']}` (seed {args.seed}, {args.threads} threads, CPU).",
         "",
@@ -101,7 +116,7 @@ def main() -> None:
     ]
     if gap is not None:
         lines.append(
-            f"| FP, same budget (bench/results/baselines.json) | {out['same_budget_fp_epochs']} | "
+            f"| FP, same budget | {out['same_budget_fp_epochs']} | "
             f"{100 * out['same_budget_fp_test_accuracy']:.2f}% |"
         )
     lines += [""]
@@ -117,7 +132,7 @@ def main() -> None:
         f"energy x{out['energy_vs_fp16']:.2f} vs fp16 (operand-width convention); "
         f"QAT {out['prom_qat_seconds']:.0f} s."
     )
-    (HERE / "results" / "prom_cifar.md").write_text("\n".join(lines) + "\n")
+    (HERE / "results" / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

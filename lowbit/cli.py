@@ -122,10 +122,10 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 10) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
     g.add_argument("--batch-size", type=_positive_int, default=128, help="default 128")
-    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), default="sgd")
+    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="default sgd")
     g.add_argument("--lr", type=float, help="learning rate (default 0.1 SGD, 1e-3 Adam)")
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--weight-decay", type=float, help="default 5e-4")
     g.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
     g.add_argument("--warmup-epochs", type=float, default=0.0)
     g.add_argument("--label-smoothing", type=float, default=0.0)
@@ -135,16 +135,30 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 10) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _train_config(args: argparse.Namespace):
+#: QAT settings a method trains best with, used where the user gives none (SBNN follows
+#: its paper: Adam, lr 1e-3, no weight decay)
+_QAT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sbnn": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
+    "bnn-pruned": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
+}
+
+
+def _train_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
     from .train import TrainConfig
+
+    d = {"optimizer": "sgd", "lr": None, "weight_decay": 5e-4, **(defaults or {})}
+
+    def pick(name: str):
+        value = getattr(args, name)
+        return d[name] if value is None else value
 
     return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
+        optimizer=pick("optimizer"),
+        lr=pick("lr"),
         momentum=args.momentum,
-        weight_decay=args.weight_decay,
+        weight_decay=pick("weight_decay"),
         schedule=args.schedule,
         warmup_epochs=args.warmup_epochs,
         label_smoothing=args.label_smoothing,
@@ -287,8 +301,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     fp_config = _train_config(args)
     if args.fp_epochs is not None:
         fp_config = replace(fp_config, epochs=args.fp_epochs)
-    qat_lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 1e-4)
-    qat_config = replace(_train_config(args), lr=qat_lr)
+    qat_config = _train_config(args, _QAT_DEFAULTS.get(args.method))
+    if qat_config.lr is None:  # fine-tuning from an FP model: a smaller step than training
+        qat_config = replace(qat_config, lr=0.01 if qat_config.optimizer == "sgd" else 1e-4)
     options = _parse_kv(args.method_arg, "--method-arg")
     for flag in ("density",):  # method options with their own flags
         if getattr(args, flag, None) is not None:

@@ -97,6 +97,46 @@ def ternary_absmean(w: Tensor, per_channel: bool = True, eps: float = 1e-6):
     return t, s
 
 
+class _IdentitySTE(torch.autograd.Function):
+    """Forward: ``quantize(w)`` (run without autograd); backward: the gradient unchanged.
+
+    The same value and gradient as ``ste(quantize(w), w)`` in one node: nothing is saved
+    for backward and no extra passes over ``w`` are made for the straight-through part.
+    """
+
+    @staticmethod
+    def forward(ctx, w, quantize):
+        return quantize(w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return g, None
+
+
+def _fake_quant_identity(w: Tensor, quantize) -> Tensor:
+    """``quantize(w)`` with the identity STE gradient to ``w`` (when a graph is built)."""
+    if torch.is_grad_enabled() and w.requires_grad:
+        return _IdentitySTE.apply(w, quantize)
+    with torch.no_grad():
+        return quantize(w)
+
+
+def _symmetric_value(w: Tensor, bits: int, per_channel: bool) -> Tensor:
+    """``s * clamp(round(w / s), -q, q)`` as ``quantize_symmetric``, computed in place."""
+    q = 2 ** (bits - 1) - 1
+    s = channel_reduce(w, "max", per_channel).clamp_min(_EPS) / q
+    out = torch.div(w, s)
+    return out.round_().clamp_(-q, q).mul_(s)
+
+
+def _ternary_value(w: Tensor, per_channel: bool, eps: float) -> Tensor:
+    """``s * clamp(round(w / (s + eps)), -1, 1)`` as ``ternary_absmean``, in place."""
+    s = channel_reduce(w, "mean", per_channel)
+    out = torch.div(w, s + eps)
+    return out.round_().clamp_(-1, 1).mul_(s)
+
+
 def sign_pm1(x: Tensor) -> Tensor:
     """sign with sign(0) = -1, so a value is never a third level."""
     return torch.where(x > 0, torch.ones_like(x), -torch.ones_like(x))
@@ -142,6 +182,10 @@ def codec_from_dict(d: dict[str, Any]) -> Codec:
     if not isinstance(d, dict) or "_type" not in d:
         raise ValueError(f"not a codec description: {d!r}")
     kind = d["_type"]
+    if kind not in _REGISTRY:  # a method's own codec: importing the methods registers it
+        from .recipes import _load_methods
+
+        _load_methods()
     if kind not in _REGISTRY:
         raise ValueError(f"unknown codec type {kind!r}; known: {sorted(_REGISTRY)}")
     version = int(d.get("_version", 1))
@@ -247,8 +291,9 @@ class Int(WeightCodec):
         return float(self.bits)
 
     def fake_quant(self, w, params=None):
-        codes, s = quantize_symmetric(w, self.bits, self.per_channel)
-        return ste(codes * s, w)
+        # value: codes * s of quantize_symmetric; gradient: identity (STE)
+        bits, per_channel = self.bits, self.per_channel
+        return _fake_quant_identity(w, lambda v: _symmetric_value(v, bits, per_channel))
 
     def encode(self, w, params=None):
         codes, s = quantize_symmetric(w.detach(), self.bits, self.per_channel)
@@ -285,8 +330,9 @@ class Ternary(WeightCodec):
         return 2.0 if self.packing == "2bit" else 1.6
 
     def fake_quant(self, w, params=None):
-        t, s = ternary_absmean(w, self.per_channel, self.eps)
-        return ste(t * s, w)
+        # value: t * s of ternary_absmean; gradient: identity (STE)
+        per_channel, eps = self.per_channel, self.eps
+        return _fake_quant_identity(w, lambda v: _ternary_value(v, per_channel, eps))
 
     def encode(self, w, params=None):
         t, s = ternary_absmean(w.detach(), self.per_channel, self.eps)

@@ -46,15 +46,18 @@ def _fp_row(out: Path, epochs: int, seed: int, quiet: bool) -> dict[str, Any]:
     }
 
 
-def _method_row(method: str, model: str, **options):
-    """A demo row that trains ``model`` in FP, then compresses it with ``method``."""
+def _method_row(method: str, model: str, qat: dict[str, Any] | None = None, **options):
+    """A demo row that trains ``model`` in FP, then compresses it with ``method`` (QAT with
+    SGD lr 0.01 unless ``qat`` overrides TrainConfig fields)."""
 
     def row(out: Path, epochs: int, seed: int, quiet: bool) -> dict[str, Any]:
+        from dataclasses import replace
+
         from . import models
 
         res = compress_model(
             method, model, "sample", out / f"{method}-{model}",
-            config=_config(epochs, seed, quiet, 0.01),
+            config=replace(_config(epochs, seed, quiet, 0.01), **(qat or {})),
             fp_config=_config(epochs, seed, quiet, 0.1),
             method_options=options,
         )  # fmt: skip

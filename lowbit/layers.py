@@ -53,6 +53,77 @@ def sign_with_estimator(x: Tensor, estimator: str = "approxsign", t: float = 1.0
     return _SignFn.apply(x, estimator, t, k)
 
 
+def _int8_value(x: Tensor, s: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``clamp(round(x / s), qmin, qmax) * s``: one new tensor, the rest in place."""
+    out = torch.div(x, s)
+    return out.round_().clamp_(qmin, qmax).mul_(s)
+
+
+def _inside(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``(x >= lo) & (x <= hi)``: the STE mask (bool)."""
+    m = torch.ge(x, lo)
+    return m.logical_and_(torch.le(x, hi))
+
+
+# On the CPU a 0-dim tensor is read back without a device sync, so the STE mask for x can
+# be left to backward: one fused masked-gradient pass (``hardtanh_backward`` on the saved
+# input, with bounds widened by one ulp so that they are inclusive) instead of building
+# and saving a boolean mask in forward. Elsewhere (or when ``s`` needs a gradient) the
+# mask is built in forward with tensor bounds, and nothing is read back.
+_SCALAR_BOUNDS = True
+
+
+def _scalar_bounds_ok(x: Tensor, s: Tensor) -> bool:
+    return _SCALAR_BOUNDS and x.is_cpu and s.is_cpu and x.dtype in (torch.float32, torch.float64)
+
+
+class _Int8ActFn(torch.autograd.Function):
+    """Fake-quantized int8 activation and its STE in one node.
+
+    Forward: ``q = clamp(round(x / s), qmin, qmax) * s``. Backward, with
+    ``inside = (x >= qmin * s) & (x <= qmax * s)``: ``dx = g`` inside, 0 outside; and
+    (when ``s`` needs a gradient, LSQ) ``ds = sum(g * clamp(round(x / s)))`` over the
+    elements outside (inside, the STE carries no gradient to ``s``). Outside the range the
+    clamped code is ``qmax`` above and ``qmin`` below, so only the masks are saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, qmin: int, qmax: int):
+        out = _int8_value(x, s, qmin, qmax)
+        need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.qmin, ctx.qmax, ctx.s_shape = qmin, qmax, s.shape
+        ctx.bounds = None
+        if need_s or (need_x and not _scalar_bounds_ok(x, s)):
+            lo, hi = qmin * s, qmax * s
+            inside = _inside(x, lo, hi)
+            above = torch.gt(x, hi) if need_s else None
+            ctx.save_for_backward(inside, above)
+        elif need_x:
+            # x >= lo  <=>  x > (the float below lo), in x's dtype; likewise for hi
+            lo = (qmin * s).to(x.dtype)
+            hi = (qmax * s).to(x.dtype)
+            inf = torch.tensor(math.inf, dtype=x.dtype)
+            ctx.bounds = (torch.nextafter(lo, -inf).item(), torch.nextafter(hi, inf).item())
+            ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        if ctx.bounds is not None:
+            (x,) = ctx.saved_tensors
+            below, above = ctx.bounds
+            return torch.ops.aten.hardtanh_backward(g, x, below, above), None, None, None
+        inside, above = ctx.saved_tensors
+        gx = gs = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.where(inside, g, 0.0)
+        if ctx.needs_input_grad[1]:
+            codes = torch.where(above, float(ctx.qmax), float(ctx.qmin)).to(g.dtype)
+            gs = (torch.where(inside, 0.0, g) * codes).sum().reshape(ctx.s_shape)
+        return gx, gs, None, None
+
+
 class ActQuantizer(nn.Module):
     """Quantizes a layer's input as its activation codec says; holds the scale state.
 
@@ -61,6 +132,11 @@ class ActQuantizer(nn.Module):
     ``x_q = s * clamp(round(x / s), qmin, qmax)``, STE identity inside the range, zero
     outside. ``lsq``: ``s`` is a parameter learned with the LSQ gradient scale
     ``1/sqrt(numel * qmax)``. In eval mode the scale is frozen.
+
+    The state lives in tensors (``scale``, ``signed_flag``) and the training step reads
+    none of it back to Python: the first batch (``signed_flag < 0``) decides signed /
+    unsigned and initializes the scale; after that the sign is cached (and re-read only
+    when the ``signed_flag`` buffer changes, e.g. ``load_state_dict``).
     """
 
     def __init__(self, codec: ActCodec):
@@ -73,6 +149,8 @@ class ActQuantizer(nn.Module):
             self.lsq_scale = nn.Parameter(torch.tensor(1.0))
         self.irnet_t = 1.0  # set per epoch by the SBNN hook when estimator == "irnet"
         self.irnet_k = 1.0
+        # (signed_flag tensor, its version, signed): valid while the buffer is unchanged
+        self._sign_cache: tuple[Tensor, int, bool] | None = None
 
     @property
     def signed(self) -> bool:
@@ -91,32 +169,54 @@ class ActQuantizer(nn.Module):
             return sign_with_estimator(x, c.estimator, self.irnet_t, self.irnet_k)
         return self._int8(x)
 
-    def _int8(self, x: Tensor) -> Tensor:
-        c = self.codec
-        if self.signed_flag.item() < 0:  # first batch: is the input non-negative?
-            self.signed_flag.fill_(1.0 if bool((x.detach() < 0).any()) else 0.0)
-            if c.mode == "lsq":
+    def _signed_now(self, x: Tensor) -> bool:
+        """Signed or not; at the first batch, decide it (and initialize the LSQ scale)."""
+        flag = self.signed_flag
+        cache = self._sign_cache
+        if cache is not None and cache[0] is flag and cache[1] == flag._version:
+            return cache[2]
+        if flag.item() < 0:  # first batch: is the input non-negative?
+            flag.fill_(1.0 if bool((x.detach() < 0).any()) else 0.0)
+            if self.codec.mode == "lsq":
                 with torch.no_grad():
                     qmax = self.qrange()[1]
                     self.lsq_scale.fill_(2 * x.detach().abs().mean().item() / math.sqrt(qmax))
-        qmin, qmax = self.qrange()
+        signed = self.signed
+        self._sign_cache = (flag, flag._version, signed)
+        return signed
+
+    def _int8(self, x: Tensor) -> Tensor:
+        c = self.codec
+        signed = self._signed_now(x)
+        qmin, qmax = (-127, 127) if signed else (0, 255)
         if c.mode == "lsq":
             g = 1.0 / math.sqrt(x.numel() / x.shape[0] * qmax)
             s = ste(self.lsq_scale, self.lsq_scale * g).abs().clamp_min(1e-8)
-            self.scale.fill_(float(s.detach()))
+            self.scale.copy_(s.detach())
         else:
             if self.training:
-                r = x.detach().abs().amax() if self.signed else x.detach().clamp_min(0).amax()
-                r = r.clamp_min(1e-8)
-                if self.scale.item() < 0:
-                    self.scale.fill_(float(r) / qmax)
-                else:
-                    self.scale.mul_(1 - c.momentum).add_(c.momentum * float(r) / qmax)
+                self._track_range(x, signed, qmax)
             s = self.scale.clamp_min(1e-8)
-        q = torch.clamp(torch.round(x / s), qmin, qmax) * s
-        inside = (x >= qmin * s) & (x <= qmax * s)
-        # STE: identity inside the range, clipped (zero gradient for x) outside
-        return torch.where(inside, ste(q, x), q.detach() if c.mode == "ema" else q)
+        if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad):
+            return _Int8ActFn.apply(x, s, qmin, qmax)
+        with torch.no_grad():
+            return _int8_value(x, s, qmin, qmax)
+
+    @torch.no_grad()
+    def _track_range(self, x: Tensor, signed: bool, qmax: int) -> None:
+        """EMA of the batch range ``max|x|`` (signed) or ``max(x, 0)`` (unsigned) / qmax;
+        the first training batch sets it. Tensor ops only (no read-back)."""
+        x = x.detach()
+        if signed:
+            lo, hi = torch.aminmax(x)
+            r = torch.maximum(hi, lo.neg())  # == x.abs().amax()
+        else:
+            r = x.amax()  # clamp_min(0) below: == x.clamp_min(0).amax()
+        r = r.clamp_min(1e-8).double()  # the update runs in double, as float(r) did
+        m = self.codec.momentum
+        first = (r / qmax).to(self.scale.dtype)
+        ema = torch.mul(self.scale, 1 - m).add_((r * m / qmax).to(self.scale.dtype))
+        self.scale.copy_(torch.where(self.scale < 0, first, ema))
 
     def extra_repr(self) -> str:
         return str(self.codec)

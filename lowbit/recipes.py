@@ -136,6 +136,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> Recipe:
+        _load_methods()  # methods may define codecs the rules name
         if not isinstance(d, dict):
             raise ValueError(f"{where}: a recipe is a table/mapping, got {type(d).__name__}")
         unknown = sorted(set(d) - {"version", "method", "options", "rules"})
@@ -328,7 +329,8 @@ def make_recipe(method: str, **options) -> Recipe:
 
 
 def _load_methods() -> None:
-    from .methods import prom  # noqa: F401  (registers itself)
+    """Import the built-in methods (each registers its recipe and any codecs of its own)."""
+    from .methods import prom, sbnn  # noqa: F401
 
 
 recipe = make_recipe

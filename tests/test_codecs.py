@@ -214,3 +214,179 @@ def test_quant_layers_share_fp_weights():
     torch.testing.assert_close(q(x), ref)
     lin = QuantLinear.from_float(torch.nn.Linear(5, 3), "ternary", "float")
     assert lin(torch.randn(2, 5)).shape == (2, 3)
+
+
+# ----------------------------------------------------------------------------- fast paths
+# The fake-quant forward paths are fused autograd Functions; these references are the
+# plain autograd formulation (every step an ordinary op, the STE as ``x + (q - x).detach()``)
+# that they must reproduce: the same values and the same gradients.
+
+
+class _RefInt8Act:
+    """Straightforward int8 activation quantizer: state in float32 tensors, read back freely."""
+
+    def __init__(self, codec: Int8Act):
+        self.codec = codec
+        self.scale = torch.tensor(-1.0)
+        self.data_signed = None
+        self.lsq = torch.tensor(1.0, requires_grad=True) if codec.mode == "lsq" else None
+
+    def __call__(self, x: torch.Tensor, training: bool = True) -> torch.Tensor:
+        c = self.codec
+        if self.data_signed is None:
+            self.data_signed = bool((x < 0).any())
+            if c.mode == "lsq":
+                qmax = 255 if not self._signed() else 127
+                with torch.no_grad():
+                    self.lsq.fill_(2 * x.abs().mean().item() / np.sqrt(qmax))
+        qmin, qmax = (-127, 127) if self._signed() else (0, 255)
+        if c.mode == "lsq":
+            g = 1.0 / np.sqrt(x.numel() / x.shape[0] * qmax)
+            scaled = self.lsq * g
+            s = (scaled + (self.lsq - scaled).detach()).abs().clamp_min(1e-8)
+            self.scale = s.detach().clone()
+        else:
+            if training:
+                xd = x.detach()
+                r = (xd.abs().max() if self._signed() else xd.clamp_min(0).max()).clamp_min(1e-8)
+                if self.scale.item() < 0:
+                    self.scale = torch.tensor(float(r) / qmax)
+                else:
+                    self.scale = self.scale * (1 - c.momentum) + c.momentum * float(r) / qmax
+            s = self.scale.clamp_min(1e-8)
+        q = torch.clamp(torch.round(x / s), qmin, qmax) * s
+        inside = (x >= qmin * s) & (x <= qmax * s)
+        through = x + (q - x).detach()  # identity gradient inside the range
+        return torch.where(inside, through, q.detach() if c.mode == "ema" else q)
+
+    def _signed(self) -> bool:
+        return self.data_signed if self.codec.signed is None else self.codec.signed
+
+
+@pytest.mark.parametrize("scalar_bounds", [True, False], ids=["scalar-bounds", "tensor-mask"])
+@pytest.mark.parametrize("mode", ["ema", "lsq"])
+@pytest.mark.parametrize("signed", [None, True, False])
+@pytest.mark.parametrize("data", ["relu6", "normal"])
+def test_int8_activation_matches_reference(monkeypatch, scalar_bounds, mode, signed, data):
+    import lowbit.layers
+
+    monkeypatch.setattr(lowbit.layers, "_SCALAR_BOUNDS", scalar_bounds)
+    codec = Int8Act(signed=signed, mode=mode, momentum=0.3)
+    fast, ref = ActQuantizer(codec), _RefInt8Act(codec)
+    gen = torch.Generator().manual_seed(7)
+    for step in range(6):
+        training = step < 4
+        fast.train(training)
+        x = torch.randn(4, 3, 5, 5, generator=gen) * (1 + step)
+        if data == "relu6":
+            x = x.clamp(0, 6)
+        x[0, 0, 0, :4] = torch.tensor([0.0, -0.0, 1e6, -1e6])  # zeros and far outside
+        if step == 2:
+            x[0, 0, 1, 0] = ref.scale * 255  # exactly on the unsigned upper bound
+        x_fast, x_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y_fast, y_ref = fast(x_fast), ref(x_ref, training)
+        assert torch.equal(y_fast, y_ref.detach()), step
+        torch.testing.assert_close(fast.scale, ref.scale, rtol=0, atol=0)
+        g = torch.randn(x.shape, generator=gen)
+        (y_fast * g).sum().backward()
+        (y_ref * g).sum().backward()
+        assert torch.equal(x_fast.grad, x_ref.grad), step
+        if mode == "lsq":
+            torch.testing.assert_close(fast.lsq_scale.grad, ref.lsq.grad, rtol=1e-5, atol=1e-6)
+            with torch.no_grad():  # a learning step, the same on both
+                fast.lsq_scale.sub_(0.05 * ref.lsq.grad.sign() * ref.lsq.detach())
+                ref.lsq.sub_(0.05 * ref.lsq.grad.sign() * ref.lsq.detach())
+            fast.lsq_scale.grad, ref.lsq.grad = None, None
+    assert fast.signed == ref._signed()
+
+
+def test_int8_activation_no_grad_and_first_layer_paths():
+    """Without a graph (no_grad, or an input that needs no gradient) the value is the same."""
+    x = torch.randn(2, 3, 4, 4)
+    a, b = ActQuantizer(Int8Act()), ActQuantizer(Int8Act())
+    with torch.no_grad():
+        ya = a(x)
+    yb = b(x.clone().requires_grad_(True))
+    assert not ya.requires_grad and yb.requires_grad
+    assert torch.equal(ya, yb.detach()) and torch.equal(a.scale, b.scale)
+
+
+def test_int8_activation_reads_nothing_back_after_first_batch(monkeypatch):
+    """After the first batch the training step keeps its state in tensors (no .item())."""
+    import lowbit.layers
+
+    monkeypatch.setattr(lowbit.layers, "_SCALAR_BOUNDS", False)
+    calls = []
+    real_item = torch.Tensor.item
+
+    def item(t):
+        calls.append(t)
+        return real_item(t)
+
+    for mode in ("ema", "lsq"):
+        q = ActQuantizer(Int8Act(mode=mode))
+        q(torch.randn(2, 8, requires_grad=True)).sum().backward()  # first batch: decides
+        calls.clear()
+        monkeypatch.setattr(torch.Tensor, "item", item)
+        for _ in range(3):
+            q(torch.randn(2, 8, requires_grad=True)).sum().backward()
+        monkeypatch.setattr(torch.Tensor, "item", real_item)
+        assert calls == [], mode
+
+
+def test_int8_activation_sign_follows_the_buffer():
+    """The cached sign is re-read when ``signed_flag`` changes (load_state_dict, fill_)."""
+    q = ActQuantizer(Int8Act())
+    q(torch.rand(2, 5))
+    assert q.qrange() == (0, 255)
+    other = ActQuantizer(Int8Act())
+    other(torch.randn(2, 5) - 3)
+    q.load_state_dict(other.state_dict())
+    assert q.signed and torch.equal(q.scale, other.scale)
+    x = torch.randn(2, 5) - 3
+    assert torch.equal(q(x), other(x))  # signed range now: negatives are kept
+    q.signed_flag.fill_(-1.0)  # reset: the next batch decides again
+    q(torch.rand(2, 5))
+    assert not q.signed
+
+
+def _ref_weight_value(codec, w: torch.Tensor) -> torch.Tensor:
+    """Plain torch formula of the quantized weight (Int / Ternary)."""
+    w = w.detach()
+    flat = w.abs().reshape(w.shape[0], -1)
+    shape = [-1] + [1] * (w.ndim - 1)
+    if isinstance(codec, Int):
+        q = 2 ** (codec.bits - 1) - 1
+        m = flat.amax(1).reshape(shape) if codec.per_channel else w.abs().amax()
+        s = m.clamp_min(1e-8) / q
+        return torch.clamp(torch.round(w / s), -q, q) * s
+    s = flat.mean(1).reshape(shape) if codec.per_channel else w.abs().mean()
+    return torch.clamp(torch.round(w / (s + codec.eps)), -1, 1) * s
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [Int(8), Int(4, per_channel=False), Ternary(), Ternary(per_channel=False)],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_weight_fake_quant_matches_reference(codec, dtype):
+    torch.manual_seed(11)
+    w = torch.randn(16, 8, 3, 3, dtype=dtype) * 0.2
+    w[0, 0, 0, 0] = 3.0  # an outlier (clipped to the scale for ternary)
+    w[1] = 0.0  # an all-zero channel
+    value = _ref_weight_value(codec, w)
+    w_fast = w.clone().requires_grad_(True)
+    w_ref = w.clone().requires_grad_(True)
+    y_fast = codec.fake_quant(w_fast)
+    y_ref = w_ref + (value - w_ref).detach()  # the plain STE
+    assert torch.equal(y_fast.detach(), value)  # exactly the quantized value
+    torch.testing.assert_close(y_fast.detach(), y_ref.detach(), rtol=0, atol=1e-6)
+    g = torch.randn(w.shape, dtype=dtype)
+    (y_fast * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert torch.equal(w_fast.grad, w_ref.grad)
+    with torch.no_grad():
+        assert torch.equal(codec.fake_quant(w), value)
+    enc = codec.encode(w.float())
+    assert torch.equal(codec.decode(enc), _ref_weight_value(codec, w.float()))

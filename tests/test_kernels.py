@@ -309,3 +309,123 @@ def test_conv_bad_input():
         K.linear_int(rand_act((2, 5), np.int8), rand_w((3, 6)))
     with pytest.raises(ValueError, match="rank 2"):
         K.linear_int(rand_act((2, 5, 1), np.int8), rand_w((3, 5)))
+
+
+# ---------------------------------------------------------------- fused engine kernels
+
+
+def _dw_fused_run(x, w, stride, pad, dil, rq=None, fl=None, narrow=False):
+    """Runs K._dw_fused as the Engine does (zero-padded input, 16-channel padded tables)."""
+    N, H, W, C = x.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dil
+    Ho = (H + 2 * ph - 2 * dh - 1) // sh + 1
+    Wo = (W + 2 * pw - 2 * dw - 1) // sw + 1
+    Cp = -(-C // 16) * 16
+    Hp = max(H + 2 * ph, (Ho - 1) * sh + 2 * dh + 1)
+    Wp = max(W + 2 * pw, (Wo - 1) * sw + 2 * dw + 1)
+    xpad = np.zeros((N, Hp, Wp, Cp), x.dtype)
+    xpad[:, ph : ph + H, pw : pw + W, :C] = x
+    koff = np.array([(i * dh * Wp + j * dw) * Cp for i in range(3) for j in range(3)], np.int64)
+    w9 = np.zeros((9, Cp), np.float32)
+    w9[:, :C] = w.reshape(C, 9).T
+
+    def pad16(v, dt, fill=0):
+        out = np.full(Cp, fill, dt)
+        out[:C] = v
+        return out
+
+    z = np.zeros(Cp, np.int64)
+    zf = np.zeros(Cp, np.float32)
+    if rq is not None:
+        bias, m, n, ps, lo, hi, dt = rq
+        half = np.left_shift(np.int64(1), n.astype(np.int64) - 1)
+        out = np.empty((N, Ho, Wo, C), dt)
+        K._dw_fused(xpad, koff, w9, C, sh, Ho, Wo, sw, pad16(bias, np.int64), pad16(m, np.int64),
+                    pad16(n, np.int64, 1), pad16(half, np.int64, 1), ps, lo, hi, zf, zf, narrow,
+                    out)  # fmt: skip
+    else:
+        scale, fb = fl
+        out = np.empty((N, Ho, Wo, C), np.float32)
+        K._dw_fused(xpad, koff, w9, C, sh, Ho, Wo, sw, z, z, z + 1, z + 1, 0, 0, 0,
+                    pad16(scale, np.float32), pad16(fb, np.float32), False, out)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8], ids=["u8", "s8"])
+@pytest.mark.parametrize(
+    "N,H,W,C,stride,pad,dil",
+    [(1, 7, 6, 24, (1, 1), (1, 1), (1, 1)), (2, 9, 8, 32, (2, 2), (1, 1), (1, 1)),
+     (1, 8, 9, 5, (1, 2), (2, 0), (2, 1)), (1, 3, 3, 40, (1, 1), (0, 0), (1, 1))],
+)  # fmt: skip
+def test_dw_fused_exact(N, H, W, C, stride, pad, dil, dtype):
+    x = rand_act((N, H, W, C), dtype)
+    w = rand_w((C, 3, 3, 1), -128, 127)
+    acc = ref_conv(x, w, stride, pad, dil, groups=C).astype(np.int64).astype(np.int32)
+    m, n = quantize_multiplier(np.exp(RNG.uniform(-12, -6, C)))
+    m[::3] *= -1
+    for ps, bias_mag, narrow in ((0, 2**20, True), (0, 2**20, False), (16, 2**27, False)):
+        bias = RNG.integers(-bias_mag, bias_mag, C).astype(np.int64)
+        rq = (bias, m, n, ps, 0, 255, np.uint8)
+        got = _dw_fused_run(x, w, stride, pad, dil, rq, narrow=narrow)
+        ref = K.requant(acc, bias, m, n, 0, 255, np.uint8, pre_shift=ps)
+        np.testing.assert_array_equal(got, ref)
+    scale = RNG.uniform(0.001, 0.1, C).astype(np.float32)
+    fb = RNG.standard_normal(C).astype(np.float32)
+    got = _dw_fused_run(x, w, stride, pad, dil, fl=(scale, fb))
+    np.testing.assert_array_equal(got, K.dequant(acc, scale, fb))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8], ids=["u8", "s8"])
+def test_gemm_fused_epilogues(dtype, gemm_path):
+    P, Kk, O = 37, 40, 72  # P % 24 != 0, O % 16 == 8, O > 64 (two sign words)
+    x = rand_act((P, Kk), dtype)
+    w = rand_w((O, Kk))
+    pc = K.prepare_linear(w)
+    acc = ref_linear(x, w).astype(np.int64).astype(np.int32)
+    signed = dtype == np.int8
+    xu = K._gemm_input(x, pc.wp.shape[2] * 4, signed)
+    init = pc.corr[0] if signed else pc.zero[0]
+    bias = RNG.integers(-(2**20), 2**20, O).astype(np.int64)
+    m, n = quantize_multiplier(np.exp(RNG.uniform(-14, -8, O)))
+    half = np.left_shift(np.int64(1), n.astype(np.int64) - 1)
+    scale = RNG.uniform(0.001, 0.1, O).astype(np.float32)
+    fb = RNG.standard_normal(O).astype(np.float32)
+    oi = np.empty((P, O), np.int8)
+    of = np.empty((P, O), np.float32)
+    of3 = np.empty((1, O, P), np.float32)
+    ob = np.empty((P, 2), np.uint64)
+    i32 = np.empty((P, O), np.int32)
+    d = (np.zeros((1, 1), np.float32), np.zeros((1, 1, 1), np.float32), np.zeros((1, 1), np.uint64))
+    args = (K.HAS_VNNI, xu, pc.wp[0], pc.w2d[0], init, O)
+    K._gemm_fused(*args, 0, 3, bias, m, n, half, -127, 127, scale, fb, P, oi, *d)
+    np.testing.assert_array_equal(oi, K.requant(acc, bias, m, n, -127, 127, np.int8, 3))
+    K._gemm_fused(*args, 1, 0, bias, m, n, half, 0, 0, scale, fb, P, i32, of, d[1], d[2])
+    want = K.dequant(acc, scale, fb)
+    np.testing.assert_array_equal(of, want)
+    K._gemm_fused(*args, 2, 0, bias, m, n, half, 0, 0, scale, fb, P, i32, d[0], of3, d[2])
+    np.testing.assert_array_equal(of3[0].T, want)
+    K._gemm_fused(*args, 3, 0, bias, m, n, half, 0, 0, scale, fb, P, i32, d[0], d[1], ob)
+    np.testing.assert_array_equal(ob, K.pack_signs(np.where(want > 0, 1, -1).astype(np.int8)))
+    K._gemm_fused(*args, 4, 0, bias, m, n, half, 0, 0, scale, fb, P, i32, *d)
+    np.testing.assert_array_equal(i32, acc)
+
+
+def test_nchw_input_kernels():
+    x = RNG.standard_normal((2, 70, 5, 6)).astype(np.float32)
+    s = np.float32(0.03)
+    ref = np.clip(np.rint(x / s), -127, 127).transpose(0, 2, 3, 1)
+    out = np.empty((2, 5, 6, 70), np.int8)
+    K._quant_nchw(x, s, -127, 127, out)
+    np.testing.assert_array_equal(out, ref)
+    xu = np.empty((2 * 3 * 3, 72), np.uint8)
+    K._quant_rows_nchw(x, s, -127, 127, 128, 2, 2, xu)
+    want = (ref[:, ::2, ::2].reshape(-1, 70) + 128).astype(np.uint8)
+    np.testing.assert_array_equal(xu[:, :70], want)
+    assert not xu[:, 70:].any()
+    xu2 = np.empty_like(xu)
+    K._quant_rows_nhwc(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), s, -127, 127, 128, 2, 2, xu2)
+    np.testing.assert_array_equal(xu2, xu)
+    bits = np.empty((2, 5, 6, 2), np.uint64)
+    K._sign_pack_nchw(x, bits)
+    signs = np.where(x > 0, 1, -1).astype(np.int8).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(bits, K.pack_signs(np.ascontiguousarray(signs)))

@@ -263,6 +263,7 @@ if dist.get_rank() == 0:
                "max_diff": max((g - gathered[0]).abs().max().item() for g in gathered),
                "steps": trainer.global_step, "acc": res.metrics["test_accuracy"]},
               open(out + "/ddp.json", "w"))
+dist.barrier()  # leave together: a rank tearing gloo down early can abort the other
 dist.destroy_process_group()
 """
 

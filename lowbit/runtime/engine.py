@@ -22,6 +22,15 @@ Kernels, per conv/linear layer (``Engine.kernels()`` lists the choice):
 - ``int64``: wider integer codes (int16/int32 fixed point): im2col + an int64 GEMM;
 - ``float``: float weights or float input: float32 im2col + matmul (not bit-exact).
 
+Fusions (planned at load time, bit-exact): a quantize op read only by a pointwise/linear
+gemm-int8 layer is folded into that layer's GEMM-row builder; the engine's NCHW input goes
+straight into the first quantizer (or fused layer) and a float conv producing the output
+writes NCHW, so neither transposes; requantization, dequantization, NCHW stores and sign
+packing run in the GEMM's / XNOR kernel's per-task epilogue (no int32 array in memory); 3x3
+depthwise convs run an LLVM-IR micro-kernel (16 channels per vector, float32 multiply-adds,
+exact below 2**24) with the requantization fused; scratch and output buffers are kept per
+layer between calls (the returned array is always fresh).
+
 Integer layers reproduce the reference exactly: the int32 accumulator, then the fused
 requantization (``lowbit.requant``) or ``float32(acc) * out_scale`` (+ ``float32(sum(x))
 * offset_scale``) ``+ bias`` as separately rounded float32 operations. The quantize op is
@@ -256,8 +265,13 @@ class _Layer:
     t: dict = field(default_factory=dict)
     binary01: bool = False
     sign_out: bool = False  # emit the packed signs of the float output (a fused quantize)
+    fq: Any = None  # (scale, lo, hi): the input quantizer fused in (the input is float)
+    nchw_in: bool = False  # the (float) input is the engine's NCHW input
+    nchw_out: bool = False  # write the float output NCHW (the engine's output)
+    reuse_out: bool = True  # keep the output buffer between calls (not for the result)
 
     def __post_init__(self):
+        self._bufs: dict = {}
         a = self.op["attrs"]
         self.name = self.op["name"]
         self.out_int = a.get("out") == "int"
@@ -341,18 +355,68 @@ class _Layer:
             K._gemm_ref(xu, pc.w2d[g], self.init[g], out)
         return out
 
+    def _dw9_prepare(self):
+        """Per-channel tables padded to 16 channels for the 3x3 depthwise micro-kernel."""
+        C = self.cin
+        Cp = -(-C // 16) * 16
+
+        def pad(v, dtype, fill=0):
+            out = np.full(Cp, fill, dtype)
+            out[:C] = v
+            return out
+
+        w9 = np.zeros((9, Cp), np.float32)  # int8 codes, exact in float32
+        w9[:, :C] = self.packed.w32
+        if self.out_int:
+            b, m, n, half = self.rq
+            rq = (pad(b, np.int64), pad(m, np.int64), pad(n, np.int64, 1), pad(half, np.int64, 1))
+            fl = (_F16, _F16)
+            # the 32-bit product form is exact when acc * 2**pre_shift + bias stays in int32
+            lim = 9 * 255 * int(np.abs(self.packed.w32).max(initial=0))
+            narrow = (
+                self.pre_shift < 31
+                and (lim << self.pre_shift) + int(np.abs(b).max(initial=0)) < 2**31
+                and int(np.abs(m).max(initial=0)) < 2**31
+            )
+        else:
+            rq = (_I16, _I16, _I16, _I16)
+            fl = (pad(self.dq[0], np.float32), pad(self.dq[1], np.float32))
+            narrow = False
+        self.dw9 = (Cp, w9, rq, fl, narrow)
+
     def depthwise(self, x):
         """Depthwise conv with the requantization or dequantization fused."""
         if x.dtype != self.in_dtype:
             x = x.astype(self.in_dtype)
-        x = np.ascontiguousarray(x)
         N, H, W, C = x.shape
         if C != self.cin:
             raise ValueError(f"layer {self.name}: input has {C} channels, not {self.cin}")
         sh, sw = self.stride
         ph, pw = self.padding
         dh, dw = self.dilation
-        shape = (N, _out_size(H, self.kh, sh, ph, dh), _out_size(W, self.kw, sw, pw, dw), C)
+        Ho, Wo = _out_size(H, self.kh, sh, ph, dh), _out_size(W, self.kw, sw, pw, dw)
+        shape = (N, Ho, Wo, C)
+        if self.kh * self.kw == 9:
+            if not hasattr(self, "dw9"):
+                self._dw9_prepare()
+            Cp, w9, rq, fl, narrow = self.dw9
+            Hp = max(H + 2 * ph, (Ho - 1) * sh + 2 * dh + 1)
+            Wp = max(W + 2 * pw, (Wo - 1) * sw + 2 * dw + 1)
+            key = ("xpad", (N, Hp, Wp, Cp), x.dtype)
+            xpad = self._bufs.get(key)
+            if xpad is None:  # zero borders and channel padding, written once
+                xpad = self._bufs[key] = np.zeros((N, Hp, Wp, Cp), x.dtype)
+                self._bufs[("koff", Wp, Cp)] = np.array(
+                    [(i * dh * Wp + j * dw) * Cp for i in range(3) for j in range(3)], np.int64
+                )
+            koff = self._bufs[("koff", Wp, Cp)]
+            xpad[:, ph : ph + H, pw : pw + W, :C] = x
+            out = self._out(shape, self.out_dtype if self.out_int else np.float32)
+            K._dw_fused(xpad, koff, w9, C, sh, Ho, Wo, sw, *rq,
+                        self.pre_shift if self.out_int else 0, self.lo if self.out_int else 0,
+                        self.hi if self.out_int else 0, *fl, narrow, out)  # fmt: skip
+            return out
+        x = np.ascontiguousarray(x)
         geo = (self.packed.w32, self.kh, self.kw, sh, sw, ph, pw, dh, dw)
         if self.out_int:
             out = np.empty(shape, self.out_dtype)
@@ -402,6 +466,145 @@ class _Layer:
             xu = K._gemm_input(np.ascontiguousarray(x), self.Kp, self.signed)
         acc = self._gemm2d(xu)
         return (acc if acc.shape[1] == self.O else acc[:, : self.O]), shape
+
+    def _buf(self, key, shape, dtype, reuse=True):
+        """A scratch/output array kept between calls (keyed by role and shape)."""
+        if not reuse:
+            return np.empty(shape, dtype)
+        k = (key, shape, dtype)
+        b = self._bufs.get(k)
+        if b is None:
+            if len(self._bufs) > 16:
+                self._bufs.clear()
+            b = self._bufs[k] = np.empty(shape, dtype)
+        return b
+
+    def _out(self, shape, dtype):
+        return self._buf("out", shape, dtype, self.reuse_out)
+
+    def gemm(self, x):
+        """gemm-int8 layers without groups: the GEMM input rows built in one pass (the input
+        quantizer, the int8 shift and the layout change fused in), the epilogue fused into
+        the GEMM (requantization, dequantization, NCHW store or sign packing)."""
+        pc = self.packed
+        Kp = self.Kp
+        shift = 128 if self.signed else 0
+        fq = self.fq
+        if self.conv:
+            if self.nchw_in:
+                N, C, H, W = x.shape
+            else:
+                N, H, W, C = x.shape
+            if C != self.cin:
+                raise ValueError(f"layer {self.name}: input has {C} channels, not {self.cin}")
+            sh, sw = self.stride
+            ph, pw = self.padding
+            dh, dw = self.dilation
+            Ho = _out_size(H, self.kh, sh, ph, dh)
+            Wo = _out_size(W, self.kw, sw, pw, dw)
+            lead = (N, Ho, Wo)
+            P = N * Ho * Wo
+            xu = self._buf("xu", (P, Kp), np.uint8)
+            if self.pointwise:
+                if fq is not None:
+                    q = K._quant_rows_nchw if self.nchw_in else K._quant_rows_nhwc
+                    q(x, fq[0], fq[1], fq[2], shift, sh, sw, xu)
+                else:
+                    if x.dtype != self.in_dtype:
+                        x = x.astype(self.in_dtype)
+                    if not shift and Kp == C and (sh, sw) == (1, 1) and x.flags.c_contiguous:
+                        xu = x.reshape(P, C).view(np.uint8)
+                    else:
+                        K._shift_rows(x, shift, sh, sw, xu)
+            else:
+                if x.dtype != self.in_dtype:
+                    x = x.astype(self.in_dtype)
+                xs = np.bitwise_xor(x.view(np.uint8), np.uint8(0x80)) if shift else x
+                K._im2col(np.ascontiguousarray(xs), 0, self.cg, self.kh, self.kw, sh, sw, ph, pw,
+                          dh, dw, Ho, Wo, shift, xu)  # fmt: skip
+        else:
+            N, C = x.shape
+            if C != self.cin:
+                raise ValueError(f"layer {self.name}: input has {C} features, not {self.cin}")
+            lead = (N,)
+            P = N
+            xu = self._buf("xu", (P, Kp), np.uint8)
+            x4 = x.reshape(N, 1, 1, C)
+            if fq is not None:
+                K._quant_rows_nhwc(x4, fq[0], fq[1], fq[2], shift, 1, 1, xu)
+            else:
+                if x.dtype != self.in_dtype:
+                    x4 = x4.astype(self.in_dtype)
+                K._shift_rows(x4, shift, 1, 1, xu)
+        O = self.O
+        oi, of, of3, ob = _OI, _OF, _OF3, _OB
+        scale, fbias = _F0, _F0
+        bias = m = n = half = _I0
+        lo = hi = 0
+        if self.sign_out:
+            mode = 3
+            ow = -(-O // 64)
+            y = ob = self._out((P, ow), np.uint64)
+            y = y.reshape(*lead, ow)
+            scale, fbias = self.dq
+        elif self.out_int:
+            mode = 0
+            y = self._out((*lead, O), self.out_dtype)
+            oi = y.reshape(P, O)
+            bias, m, n, half = self.rq
+            lo, hi = self.lo, self.hi
+        elif self.nchw_out and self.conv:
+            mode = 2
+            y = self._out((N, O, Ho, Wo), np.float32)
+            of3 = y.reshape(N, O, Ho * Wo)
+            scale, fbias = self.dq
+        else:
+            mode = 1
+            y = self._out((*lead, O), np.float32)
+            of = y.reshape(P, O)
+            scale, fbias = self.dq
+        hw = Ho * Wo if self.conv else 1
+        K._gemm_fused(K.HAS_VNNI, xu, pc.wp[0], pc.w2d[0], self.init[0], O, mode,
+                      self.pre_shift if self.out_int else 0, bias, m, n, half, lo, hi, scale,
+                      fbias, hw, oi, of, of3, ob)  # fmt: skip
+        return y
+
+    def binary(self, x):
+        """xnor conv layers: the register-blocked XOR + popcount kernel with the epilogue
+        fused (dequantization, NCHW store or the next layer's sign packing)."""
+        wb, wpop = self.packed
+        N, H, W, CW = x.shape
+        sh, sw = self.stride
+        ph, pw = self.padding
+        dh, dw = self.dilation
+        Ho = _out_size(H, self.kh, sh, ph, dh)
+        Wo = _out_size(W, self.kw, sw, pw, dw)
+        Hp = max(H + 2 * ph, (Ho - 1) * sh + (self.kh - 1) * dh + 1)
+        Wp = max(W + 2 * pw, (Wo - 1) * sw + (self.kw - 1) * dw + 1)
+        key = ("xpad", (N, Hp, Wp, CW))
+        xpad = self._bufs.get(key)
+        if xpad is None:  # zero borders, written once
+            xpad = self._bufs[key] = np.zeros((N, Hp, Wp, CW), np.uint64)
+            self._bufs[("koff", (N, Hp, Wp, CW))] = np.array(
+                [(i * dh * Wp + j * dw) * CW + c for i in range(self.kh) for j in range(self.kw)
+                 for c in range(CW)], np.int64)  # fmt: skip
+        koff = self._bufs[("koff", (N, Hp, Wp, CW))]
+        xpad[:, ph : ph + H, pw : pw + W] = x
+        O = self.O
+        scale, fbias = self.dq
+        oi, of, of3, ob = K._DI4, K._DF4, K._DF4, K._DB4
+        if self.sign_out:
+            mode = 3
+            y = ob = self._out((N, Ho, Wo, -(-O // 64)), np.uint64)
+        elif self.nchw_out:
+            mode = 2
+            y = of3 = self._out((N, O, Ho, Wo), np.float32)
+        else:
+            mode = 1
+            y = of = self._out((N, Ho, Wo, O), np.float32)
+        K._bin_conv_tiled(xpad, koff, wb, wpop, self.cin, self.kh, self.kw, sh, sw, ph, pw, dh,
+                          dw, H, W, Ho, Wo, O, mode, scale, fbias, oi, of, of3, ob)  # fmt: skip
+        return y
 
     def acc(self, x) -> np.ndarray:
         if self.kernel == "gemm-int8":
@@ -478,9 +681,13 @@ class _Layer:
             if self.has_offset:
                 y = y + self._expand(self.float_sums(x)) * t["offset_scale"]
             return y + t["bias"]
-        fast = self.kernel == "gemm-int8" and not self.has_offset and not self.sign_out
-        if fast and self.packed.depthwise:
+        if _binary_fused(self):
+            return self.binary(x)
+        fast = self.kernel == "gemm-int8" and not self.has_offset
+        if fast and self.packed.depthwise and not self.sign_out:
             return self.depthwise(x)
+        if fast and self.groups == 1:
+            return self.gemm(x)
         if fast and self.groups == 1:
             acc2, shape = self.acc2d(x)
             if self.out_int:
@@ -524,6 +731,35 @@ class _Layer:
 
 _F0 = np.zeros(1, np.float32)
 _I0 = np.zeros(1, np.int64)
+_F16 = np.zeros(16, np.float32)
+_I16 = np.zeros(16, np.int64)
+_OI = np.zeros((1, 1), np.int32)
+_OF = np.zeros((1, 1), np.float32)
+_OF3 = np.zeros((1, 1, 1), np.float32)
+_OB = np.zeros((1, 1), np.uint64)
+
+
+def _gemm_rows(lay: _Layer, pointwise: bool = True) -> bool:
+    """The layer runs ``_Layer.gemm`` (pointwise: on GEMM rows that are input pixels)."""
+    ok = (
+        lay.kernel == "gemm-int8"
+        and not lay.packed.depthwise
+        and lay.groups == 1
+        and not lay.has_offset
+    )
+    return ok and (lay.pointwise or not pointwise)
+
+
+def _binary_fused(lay: _Layer) -> bool:
+    """The layer runs ``_Layer.binary`` (an xnor conv with a float or sign-packed output)."""
+    return (
+        lay.kernel == "xnor"
+        and lay.conv
+        and not lay.binary01
+        and not lay.has_offset
+        and not lay.out_int
+        and hasattr(lay, "dq")
+    )
 
 
 def _int_dtype(lo: int, hi: int):
@@ -549,6 +785,13 @@ def _quantize(attrs: dict, packed: bool):
                 _sign_pack(np.ascontiguousarray(x).reshape(-1, x.shape[-1]), out)
                 return out.reshape(*lead, cw)
 
+            def nchw(x):
+                N, C, H, W = x.shape
+                out = np.empty((N, H, W, -(-C // 64)), np.uint64)
+                K._sign_pack_nchw(x, out)
+                return out
+
+            run.nchw = nchw
             return run
         return lambda x: np.where(x > 0, np.int8(1), np.int8(-1))
     if mode != "int8":
@@ -564,6 +807,13 @@ def _quantize(attrs: dict, packed: bool):
         _quantize_int(x.reshape(-1, c), s, lo, hi, out.reshape(-1, c))
         return out
 
+    def nchw(x):
+        N, C, H, W = x.shape
+        out = np.empty((N, H, W, C), dt)
+        K._quant_nchw(x, s, lo, hi, out)
+        return out
+
+    run.nchw = nchw
     return run
 
 
@@ -837,6 +1087,17 @@ class Engine:
                 ):
                     prod.sign_out = True  # the producer packs the signs itself
                     run = _identity
+                elif (
+                    a.get("mode") == "int8"
+                    and len(rs) == 1
+                    and rs[0]["name"] in layers
+                    and rs[0]["inputs"][0] == op["output"]
+                    and _gemm_rows(layers[rs[0]["name"]])
+                    and layers[rs[0]["name"]].in_dtype == _int_dtype(int(a["lo"]), int(a["hi"]))
+                ):
+                    # the consumer quantizes its GEMM rows itself
+                    layers[rs[0]["name"]].fq = (np.float32(a["scale"]), int(a["lo"]), int(a["hi"]))
+                    run = _identity
                 else:
                     run = _quantize(a, packed)
             elif kind == "affine":
@@ -865,7 +1126,47 @@ class Engine:
             else:  # slice
                 run = _slice(a)
             steps.append(_Step(kind, name, list(op["inputs"]), op["output"], run, layer))
+        self._layout(steps, layers, by_out)
         return steps
+
+    def _layout(self, steps, layers, by_out) -> None:
+        """Take the NCHW input and give the NCHW output without a transpose where the first
+        and last ops allow it (a quantizer or fused quantizing layer reads NCHW, a float conv
+        writes NCHW)."""
+        self._in_nchw = self._out_nchw = self._out_fresh = False
+        readers = [s for s in steps if self._input in s.inputs]
+        if (
+            self.input_shape is not None
+            and len(self.input_shape) == 3
+            and len(readers) == 1
+            and self._input != self._output
+            and readers[0].kind == "quantize"
+        ):
+            s = readers[0]
+            nchw = getattr(s.run, "nchw", None)
+            if nchw is not None:
+                s.run = nchw
+                self._in_nchw = True
+            elif s.run is _identity:
+                nxt = [t for t in steps if s.output in t.inputs]
+                lay = nxt[0].layer if len(nxt) == 1 else None
+                if lay is not None and lay.fq is not None and lay.conv:
+                    lay.nchw_in = True
+                    self._in_nchw = True
+        for s in steps:
+            if s.output == self._output and s.layer is not None:
+                lay = s.layer
+                lay.reuse_out = False
+                self._out_fresh = True
+                if (
+                    lay.conv
+                    and (_gemm_rows(lay, pointwise=False) or _binary_fused(lay))
+                    and not lay.out_int
+                    and not lay.sign_out
+                    and not any(self._output in t.inputs for t in steps)
+                ):
+                    lay.nchw_out = True
+                    self._out_nchw = True
 
     def _plan_layer(self, op: dict, t: dict[str, np.ndarray], by_out: dict) -> _Layer:
         a = op["attrs"]
@@ -931,7 +1232,8 @@ class Engine:
             )
         if x.ndim < 2 or x.shape[0] < 1:
             raise ValueError(f"the engine takes a batch (N, ...) with N >= 1, got {list(x.shape)}")
-        return _to_nhwc(np.asarray(x, np.float32))
+        x = np.ascontiguousarray(x, np.float32)
+        return x if self._in_nchw else _to_nhwc(x)
 
     def __call__(self, x) -> np.ndarray:
         return self.run(x)
@@ -946,9 +1248,12 @@ class Engine:
                 env.pop(n, None)
         return self._result(env[self._output])
 
-    @staticmethod
-    def _result(y) -> np.ndarray:
-        return np.ascontiguousarray(_to_nchw(y), dtype=np.float32)
+    def _result(self, y) -> np.ndarray:
+        if self._out_nchw:
+            return y  # a fresh array from the last layer
+        y = np.ascontiguousarray(_to_nchw(y), dtype=np.float32)
+        # a view of a buffer that the next call reuses is copied
+        return y if self._out_fresh else np.array(y, np.float32)
 
     def profile(self, x, repeats: int = 1) -> list[dict[str, Any]]:
         """Per op: ``name``, ``kind``, ``kernel`` (layers), ``ms`` (median of ``repeats``
@@ -971,6 +1276,10 @@ class Engine:
                         row["kernel"] = step.layer.kernel
                         row["macs"] = step.layer.macs(y)
                     shp = list(y.shape)
+                    if self._in_nchw and self._input in step.inputs and y.dtype == np.float32:
+                        shp = [shp[0], shp[2], shp[3], shp[1]]  # the NCHW input passed on
+                    if step.layer is not None and step.layer.nchw_out:
+                        shp = [shp[0], shp[2], shp[3], shp[1]]  # already NCHW
                     if y.ndim == 4 and not (step.kind == "quantize" and y.dtype == np.uint64):
                         shp = [shp[0], shp[3], shp[1], shp[2]]
                     row["shape"] = shp

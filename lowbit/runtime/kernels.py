@@ -312,15 +312,18 @@ _xtile_11 = _make_xnor_tile(1, 1)
 
 
 @njit(parallel=True, cache=True)
-def _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, W, out):
+def _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, W, Ho, Wo, O,
+                    mode, scale, fbias, out, out_f, out_f3, out_b):  # fmt: skip
     # xpad [N, Hp, Wp, CW] uint64 (zero words in the padding), koff [kh*kw*CW] word offsets
     # of each k from a window's origin, wb [OB, K, 8] uint64 (8-channel blocks), wpop
-    # [kh*kw, O] int64 popcounts of each tap's weights, out [N, Ho, Wo, O] int32.
+    # [kh*kw, O] int64 popcounts of each tap's weights. The epilogue (acc = the int32
+    # accumulator sum over valid taps of C - 2 * popcount(x ^ w)):
+    #   mode 0: out [N, Ho, Wo, O] int32 = acc
+    #   mode 1: out_f [N, Ho, Wo, O] float32 = float32(acc) * scale + fbias
+    #   mode 2: as 1, NCHW: out_f3 [N, O, Ho, Wo]
+    #   mode 3: as 1, the signs packed: out_b [N, Ho, Wo, ceil(O/64)] uint64
     N, Hp, Wp, CW = xpad.shape
     OB, Kk, _ = wb.shape
-    Ho = out.shape[1]
-    Wo = out.shape[2]
-    O = out.shape[3]
     Op = OB * 8
     wvs = Kk * 8
     ps = sw * CW
@@ -348,8 +351,8 @@ def _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, 
                 ob += _XNV if four else 1
             wo += _XMR if full else 1
         # epilogue: valid taps only (padded taps added popcount(w) to the counts)
+        orow = np.empty(O, np.int32)
         for wo in range(Wo):
-            orow = out[n, ho, wo]
             base = wo * Op
             h0 = ho * sh - ph
             w0 = wo * sw - pw
@@ -375,6 +378,37 @@ def _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, 
                 tot = nvalid * C
                 for o in range(O):
                     orow[o] = np.int32(tot - 2 * (cnt[base + o] - orow[o]))
+            if mode == 0:
+                dst = out[n, ho, wo]
+                for o in range(O):
+                    dst[o] = orow[o]
+            elif mode == 1:
+                dst = out_f[n, ho, wo]
+                for o in range(O):
+                    v = np.float32(orow[o]) * scale[o]
+                    dst[o] = v + fbias[o]
+            elif mode == 2:
+                for o in range(O):
+                    v = np.float32(orow[o]) * scale[o]
+                    out_f3[n, o, ho, wo] = v + fbias[o]
+            else:
+                dst = out_b[n, ho, wo]
+                for w in range(dst.shape[0]):
+                    o0 = w * 64
+                    o1 = min(o0 + 64, O)
+                    word = np.uint64(0)
+                    for o in range(o0, o1):
+                        v = np.float32(orow[o]) * scale[o]
+                        v = v + fbias[o]
+                        if v > 0:
+                            word |= np.uint64(1) << np.uint64(o - o0)
+                    dst[w] = word
+
+
+_DF = np.zeros(1, np.float32)
+_DF4 = np.zeros((1, 1, 1, 1), np.float32)
+_DB4 = np.zeros((1, 1, 1, 1), np.uint64)
+_DI4 = np.zeros((1, 1, 1, 1), np.int32)
 
 
 def prepare_binary_conv(wp: np.ndarray):
@@ -409,7 +443,8 @@ def conv2d_binary_tiled(xp, C, wb, wpop, kh, kw, stride=(1, 1), padding=(0, 0),
                      for c in range(CW)], np.int64)  # fmt: skip
     O = wpop.shape[1]
     out = np.empty((N, Ho, Wo, O), np.int32)
-    _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, W, out)
+    _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, W, Ho, Wo, O, 0,
+                    _DF, _DF, out, _DF4, _DF4, _DB4)  # fmt: skip
     return out
 
 
@@ -469,6 +504,545 @@ def _gemm_ref(xu, w2d, init, out):
             for k in range(Kp):
                 s += np.int32(xr[k]) * np.int32(wr[k])
             out[p, o] = init[o] + s
+
+
+# ---------------------------------------------------------------------------------------
+# depthwise micro-kernel (LLVM IR): 16 channels x a row of output pixels, the taps' weights
+# in registers, int32 multiply-adds, the requantization (or dequantization) fused in
+
+
+def _make_dw_row(T: int, narrow: bool = False):
+    """An intrinsic for one row of output pixels of a depthwise conv with ``T`` taps, over a
+    block of 16 channels.
+
+    ``row(x, xoff, ps, koff, nwo, w, woff, wstride, bias, m, n, half, rqoff, pre_shift, lo,
+    hi, scale, fbias, out, ooff, ostride)``: ``x`` int8/uint8 (zero-padded input, flat
+    element ``xoff`` = the first window's origin at channel block start), pixel ``wo``'s
+    window at ``xoff + wo * ps``, tap ``t`` at ``+ koff[t]`` (int64 elements); ``w`` int32
+    weights (float32 holding the int8 codes), tap ``t``'s 16 channels at
+    ``woff + t * wstride``; ``bias/m/n/half`` int64 and
+    ``scale/fbias`` float32 per channel (element ``rqoff``); ``out`` integer (requantized,
+    clamped to [lo, hi]) or float32 (``float32(acc) * scale + fbias``), pixel ``wo``'s 16
+    channels at element ``ooff + wo * ostride``. ``narrow``: the caller guarantees
+    ``|acc * 2**pre_shift + bias| < 2**31`` and ``|m| < 2**31``, so the requantization's
+    product is one 32 x 32 -> 64-bit multiply (vpmuldq) instead of a 64-bit one."""
+
+    @intrinsic
+    def row(typingctx, x_t, xoff_t, ps_t, koff_t, nwo_t, w_t, woff_t, ws_t, b_t, m_t, n_t, h_t,
+            rqoff_t, pre_t, lo_t, hi_t, sc_t, fb_t, o_t, ooff_t, os_t):  # fmt: skip
+        ip = types.intp
+        if not isinstance(x_t, types.Array) or x_t.dtype not in (types.int8, types.uint8):
+            return None
+        sig = types.void(x_t, ip, ip, koff_t, ip, w_t, ip, ip, b_t, m_t, n_t, h_t, ip, ip, ip,
+                         ip, sc_t, fb_t, o_t, ip, ip)  # fmt: skip
+        signed_in = x_t.dtype == types.int8
+        odt = o_t.dtype
+        float_out = isinstance(odt, types.Float)
+
+        def codegen(context, builder, sig, args):
+            (x, xoff, ps, koff, nwo, w, woff, wst, bias, m, n, half, rqoff, pre, lo, hi, sc, fb,
+             out, ooff, ostride) = args  # fmt: skip
+            i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+            f32 = ir.FloatType()
+            v16 = lambda t: ir.VectorType(t, 16)  # noqa: E731
+
+            def data(k, ty):
+                a = context.make_array(sig.args[k])(context, builder, args[k])
+                return builder.bitcast(a.data, ty.as_pointer())
+
+            def c64(v):
+                return ir.Constant(i64, v)
+
+            def vload(ptr, ty, align):
+                ld = builder.load(builder.bitcast(ptr, v16(ty).as_pointer()))
+                ld.align = align
+                return ld
+
+            def splat(val, ty):
+                v = builder.insert_element(ir.Constant(v16(ty), ir.Undefined), val,
+                                           ir.Constant(i32, 0))  # fmt: skip
+                return builder.shuffle_vector(v, ir.Constant(v16(ty), ir.Undefined),
+                                              ir.Constant(v16(i32), None))  # fmt: skip
+
+            xb = builder.gep(data(0, i8), [xoff])
+            kb = data(3, i64)
+            wb = builder.gep(data(5, f32), [woff])
+            offs = [builder.load(builder.gep(kb, [c64(t)])) for t in range(T)]
+            wv = [vload(builder.gep(wb, [builder.mul(wst, c64(t))]), f32, 4) for t in range(T)]
+            fma = builder.module.declare_intrinsic(
+                "llvm.fma.v16f32", fnty=ir.FunctionType(v16(f32), [v16(f32)] * 3)
+            )
+            if float_out:
+                ob = builder.gep(data(18, f32), [ooff])
+                scv = vload(builder.gep(data(16, f32), [rqoff]), f32, 4)
+                fbv = vload(builder.gep(data(17, f32), [rqoff]), f32, 4)
+            else:
+                oty = ir.IntType(odt.bitwidth)
+                ob = builder.gep(data(18, oty), [ooff])
+                bv = vload(builder.gep(data(8, i64), [rqoff]), i64, 8)
+                mv = vload(builder.gep(data(9, i64), [rqoff]), i64, 8)
+                nv = vload(builder.gep(data(10, i64), [rqoff]), i64, 8)
+                hv = vload(builder.gep(data(11, i64), [rqoff]), i64, 8)
+                prev = splat(pre, i64)
+                lov = splat(lo, i64)
+                hiv = splat(hi, i64)
+                zero64 = ir.Constant(v16(i64), None)
+                if narrow:
+                    b32 = builder.trunc(bv, v16(i32))
+                    m32 = builder.trunc(mv, v16(i32))
+                    pre32 = builder.trunc(prev, v16(i32))
+            pre_bb = builder.basic_block
+            loop = builder.append_basic_block("dw_loop")
+            done = builder.append_basic_block("dw_done")
+            builder.cbranch(builder.icmp_signed(">", nwo, c64(0)), loop, done)
+            builder.position_at_end(loop)
+            wo = builder.phi(i64)
+            wo.add_incoming(c64(0), pre_bb)
+            base = builder.gep(xb, [builder.mul(wo, ps)])
+            # float32 multiply-adds: exact, every product and partial sum is an integer
+            # below 2**24 (T * 255 * 128 for T <= 9 taps)
+            acc = None
+            for t in range(T):
+                xv = vload(builder.gep(base, [offs[t]]), i8, 1)
+                xe = builder.sext(xv, v16(i32)) if signed_in else builder.zext(xv, v16(i32))
+                xf = builder.sitofp(xe, v16(f32))
+                if acc is None:
+                    acc = builder.fmul(xf, wv[t])
+                else:
+                    acc = builder.call(fma, [xf, wv[t], acc])
+            optr = builder.gep(ob, [builder.mul(wo, ostride)])
+            if float_out:
+                f = builder.fmul(acc, scv)
+                f = builder.fadd(f, fbv)
+                st = builder.store(f, builder.bitcast(optr, v16(f32).as_pointer()))
+                st.align = 4
+            else:
+                if narrow:
+                    a32 = builder.add(builder.shl(builder.fptosi(acc, v16(i32)), pre32), b32)
+                    pv = builder.mul(builder.sext(a32, v16(i64)), builder.sext(m32, v16(i64)))
+                else:
+                    a64 = builder.fptosi(acc, v16(i64))
+                    pv = builder.mul(builder.add(builder.shl(a64, prev), bv), mv)
+                neg = builder.icmp_signed("<", pv, zero64)
+                ab = builder.select(neg, builder.sub(zero64, pv), pv)
+                q = builder.ashr(builder.add(ab, hv), nv)
+                q = builder.select(neg, builder.sub(zero64, q), q)
+                q = builder.select(builder.icmp_signed("<", q, lov), lov, q)
+                q = builder.select(builder.icmp_signed(">", q, hiv), hiv, q)
+                qt = builder.trunc(q, v16(oty))
+                st = builder.store(qt, builder.bitcast(optr, v16(oty).as_pointer()))
+                st.align = 1
+            wo1 = builder.add(wo, c64(1))
+            wo.add_incoming(wo1, builder.basic_block)
+            builder.cbranch(builder.icmp_signed("<", wo1, nwo), loop, done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return row
+
+
+_dw_row9 = _make_dw_row(9)
+_dw_row9n = _make_dw_row(9, narrow=True)
+
+
+@njit(parallel=True, cache=True)
+def _dw_fused(xpad, koff, w, C, sh, Ho, Wo, sw, bias, m, n, half, pre_shift, lo, hi, scale,
+              fbias, narrow, out):  # fmt: skip
+    # depthwise conv with 9 taps (3x3, any stride/dilation: koff), requantization (integer
+    # out) or dequantization (float32 out) fused. xpad [N, Hp, Wp, Cp] int8/uint8, zero
+    # padded (Cp = C rounded up to 16), koff [9] int64 flat tap offsets, w [9, Cp] float32,
+    # bias/m/n/half [Cp] int64, scale/fbias [Cp] float32, out [N, Ho, Wo, C].
+    N, Hp, Wp, Cp = xpad.shape
+    CB = Cp // 16
+    ps = sw * Cp
+    for r in prange(N * Ho):
+        img = r // Ho
+        ho = r % Ho
+        x0 = ((img * Hp + ho * sh) * Wp) * Cp
+        if C == Cp:
+            o0 = ((img * Ho + ho) * Wo) * C
+            for cb in range(CB):
+                if narrow:
+                    _dw_row9n(
+                        xpad,
+                        x0 + cb * 16,
+                        ps,
+                        koff,
+                        Wo,
+                        w,
+                        cb * 16,
+                        Cp,
+                        bias,
+                        m,
+                        n,
+                        half,
+                        cb * 16,
+                        pre_shift,
+                        lo,
+                        hi,
+                        scale,
+                        fbias,
+                        out,
+                        o0 + cb * 16,
+                        C,
+                    )
+                else:
+                    _dw_row9(
+                        xpad,
+                        x0 + cb * 16,
+                        ps,
+                        koff,
+                        Wo,
+                        w,
+                        cb * 16,
+                        Cp,
+                        bias,
+                        m,
+                        n,
+                        half,
+                        cb * 16,
+                        pre_shift,
+                        lo,
+                        hi,
+                        scale,
+                        fbias,
+                        out,
+                        o0 + cb * 16,
+                        C,
+                    )
+        else:
+            tmp = np.empty((Wo, Cp), out.dtype)
+            for cb in range(CB):
+                if narrow:
+                    _dw_row9n(
+                        xpad,
+                        x0 + cb * 16,
+                        ps,
+                        koff,
+                        Wo,
+                        w,
+                        cb * 16,
+                        Cp,
+                        bias,
+                        m,
+                        n,
+                        half,
+                        cb * 16,
+                        pre_shift,
+                        lo,
+                        hi,
+                        scale,
+                        fbias,
+                        tmp,
+                        cb * 16,
+                        Cp,
+                    )
+                else:
+                    _dw_row9(
+                        xpad,
+                        x0 + cb * 16,
+                        ps,
+                        koff,
+                        Wo,
+                        w,
+                        cb * 16,
+                        Cp,
+                        bias,
+                        m,
+                        n,
+                        half,
+                        cb * 16,
+                        pre_shift,
+                        lo,
+                        hi,
+                        scale,
+                        fbias,
+                        tmp,
+                        cb * 16,
+                        Cp,
+                    )
+            for wo in range(Wo):
+                dst = out[img, ho, wo]
+                for c in range(C):
+                    dst[c] = tmp[wo, c]
+
+
+# ---------------------------------------------------------------------------------------
+# fused GEMM: quantized input rows in, requantized / dequantized / sign-packed rows out.
+# Each parallel task computes _TB * _MR rows against all weights into an int32 scratch block
+# (L1/L2 resident) and applies the epilogue from there: no int32 array goes through memory.
+
+_T2 = [_make_vnni_tile(m, 2) for m in range(1, _MR + 1)]
+_T1 = [_make_vnni_tile(m, 1) for m in range(1, _MR + 1)]
+_t2_1, _t2_2, _t2_3, _t2_4, _t2_5, _t2_6 = _T2
+_t1_1, _t1_2, _t1_3, _t1_4, _t1_5, _t1_6 = _T1
+
+
+@njit(inline="always")
+def _vnni_rows(m, two, xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op):
+    # one m x 16 (two) or m x 8 tile, m in 1.._MR (6)
+    if two:
+        if m == 6:
+            _t2_6(xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op)
+        elif m == 5:
+            _t2_5(xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op)
+        elif m == 4:
+            _t2_4(xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op)
+        elif m == 3:
+            _t2_3(xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op)
+        elif m == 2:
+            _t2_2(xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op)
+        else:
+            _t2_1(xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op)
+    else:
+        if m == 6:
+            _t1_6(xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op)
+        elif m == 5:
+            _t1_5(xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op)
+        elif m == 4:
+            _t1_4(xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op)
+        elif m == 3:
+            _t1_3(xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op)
+        elif m == 2:
+            _t1_2(xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op)
+        else:
+            _t1_1(xu, xo, Kp, wp, wo, ws, K4, init, io, acc, oo, Op)
+
+
+@njit(inline="always")
+def _gemm_block(vnni, xu, wp, w2d, init, p0, n, acc):
+    # acc[r, :] = init + sum_k xu[p0 + r, k] * w[:, k] for r < n (acc [>= n, Op] int32)
+    Kp = xu.shape[1]
+    Op = acc.shape[1]
+    if vnni:
+        OB8 = wp.shape[0]
+        K4 = wp.shape[1]
+        ws = K4 * 32
+        ob = 0
+        while ob < OB8:
+            two = ob + 2 <= OB8
+            b = 0
+            while b < n:
+                m = min(_MR, n - b)
+                _vnni_rows(m, two, xu, (p0 + b) * Kp, Kp, wp, ob * ws, ws, K4, init, ob * 8, acc,
+                           b * Op + ob * 8, Op)  # fmt: skip
+                b += m
+            ob += 2 if two else 1
+    else:
+        for r in range(n):
+            xr = xu[p0 + r]
+            ar = acc[r]
+            for o in range(Op):
+                wr = w2d[o]
+                s = np.int32(0)
+                for k in range(Kp):
+                    s += np.int32(xr[k]) * np.int32(wr[k])
+                ar[o] = init[o] + s
+
+
+@njit(inline="always")
+def _rq1(a, pre_shift, bias, m, n, half, lo, hi):
+    p = ((np.int64(a) << pre_shift) + bias) * m
+    q = (np.abs(p) + half) >> n
+    if p < 0:
+        q = -q
+    return min(max(q, lo), hi)
+
+
+@njit(parallel=True, cache=True)
+def _gemm_fused(vnni, xu, wp, w2d, init, O, mode, pre_shift, bias, m, n, half, lo, hi, scale,
+                fbias, hw, out_i, out_f, out_f3, out_b):  # fmt: skip
+    # xu [P, Kp] uint8; the epilogue per row p and output channel o < O of acc:
+    #   mode 0: out_i[p, o] = requant(acc)              (out_i [P, O] integer codes)
+    #   mode 1: out_f[p, o] = float32(acc) * scale + fbias   (out_f [P, O] float32)
+    #   mode 2: as 1, stored NCHW: out_f3[p // hw, o, p % hw]  (out_f3 [N, O, hw])
+    #   mode 3: as 1, then the sign bits packed: out_b[p, o // 64] (out_b [P, ceil(O/64)])
+    #   mode 4: out_i[p, o] = acc (int32)
+    P = xu.shape[0]
+    Op = init.shape[0]
+    rows = _MR * _TB
+    ntask = (P + rows - 1) // rows
+    for t in prange(ntask):
+        p0 = t * rows
+        nr = min(rows, P - p0)
+        acc = np.empty((rows, Op), np.int32)
+        _gemm_block(vnni, xu, wp, w2d, init, p0, nr, acc)
+        if mode == 0:
+            for r in range(nr):
+                ar = acc[r]
+                orow = out_i[p0 + r]
+                for o in range(O):
+                    orow[o] = _rq1(ar[o], pre_shift, bias[o], m[o], n[o], half[o], lo, hi)
+        elif mode == 1:
+            for r in range(nr):
+                ar = acc[r]
+                orow = out_f[p0 + r]
+                for o in range(O):
+                    v = np.float32(ar[o]) * scale[o]
+                    orow[o] = v + fbias[o]
+        elif mode == 2:
+            fb = np.empty((rows, O), np.float32)
+            for r in range(nr):
+                ar = acc[r]
+                fr = fb[r]
+                for o in range(O):
+                    v = np.float32(ar[o]) * scale[o]
+                    fr[o] = v + fbias[o]
+            r = 0
+            while r < nr:
+                p = p0 + r
+                img = p // hw
+                q0 = p - img * hw
+                seg = min(nr - r, hw - q0)
+                for o in range(O):
+                    dst = out_f3[img, o]
+                    for j in range(seg):
+                        dst[q0 + j] = fb[r + j, o]
+                r += seg
+        elif mode == 3:
+            OW = out_b.shape[1]
+            for r in range(nr):
+                ar = acc[r]
+                for w in range(OW):
+                    o0 = w * 64
+                    o1 = min(o0 + 64, O)
+                    word = np.uint64(0)
+                    for o in range(o0, o1):
+                        v = np.float32(ar[o]) * scale[o]
+                        v = v + fbias[o]
+                        if v > 0:
+                            word |= np.uint64(1) << np.uint64(o - o0)
+                    out_b[p0 + r, w] = word
+        else:
+            for r in range(nr):
+                ar = acc[r]
+                orow = out_i[p0 + r]
+                for o in range(O):
+                    orow[o] = ar[o]
+
+
+@njit(inline="always")
+def _q1(v, s, lo, hi):
+    # clip(rint(v / s), lo, hi) in float32 (lo, hi float32)
+    return min(max(np.rint(v / s), lo), hi)
+
+
+@njit(parallel=True, cache=True)
+def _quant_rows_nhwc(x, s, lo, hi, shift, sh, sw, xu):
+    # x [N, H, W, C] float32 (NHWC) -> xu [N*Ho*Wo, Kp] uint8: the GEMM input of a pointwise
+    # conv with stride (sh, sw): clip(rint(x / s), lo, hi) (+ 128 when shift), zero padding
+    lo = np.float32(lo)
+    hi = np.float32(hi)
+    N, H, W, C = x.shape
+    Kp = xu.shape[1]
+    Ho = (H - 1) // sh + 1
+    Wo = (W - 1) // sw + 1
+    for r in prange(N * Ho):
+        img = r // Ho
+        ho = r % Ho
+        for wo in range(Wo):
+            xr = x[img, ho * sh, wo * sw]
+            orow = xu[r * Wo + wo]
+            for c in range(C):
+                orow[c] = np.uint8(np.int32(_q1(xr[c], s, lo, hi)) + shift)
+            for c in range(C, Kp):
+                orow[c] = 0
+
+
+@njit(parallel=True, cache=True)
+def _quant_rows_nchw(x, s, lo, hi, shift, sh, sw, xu):
+    # as _quant_rows_nhwc from an NCHW input x [N, C, H, W] (the layout change fused in):
+    # one output row of pixels quantized per channel (vectorized), then transposed
+    lo = np.float32(lo)
+    hi = np.float32(hi)
+    N, C, H, W = x.shape
+    Kp = xu.shape[1]
+    Ho = (H - 1) // sh + 1
+    Wo = (W - 1) // sw + 1
+    for r in prange(N * Ho):
+        img = r // Ho
+        ho = r % Ho
+        base = r * Wo
+        tmp = np.empty((C, Wo), np.uint8)
+        for c in range(C):
+            xr = x[img, c, ho * sh]
+            tr = tmp[c]
+            if sw == 1:
+                for wo in range(Wo):
+                    tr[wo] = np.uint8(np.int32(_q1(xr[wo], s, lo, hi)) + shift)
+            else:
+                for wo in range(Wo):
+                    tr[wo] = np.uint8(np.int32(_q1(xr[wo * sw], s, lo, hi)) + shift)
+        for wo in range(Wo):
+            orow = xu[base + wo]
+            for c in range(C):
+                orow[c] = tmp[c, wo]
+            for c in range(C, Kp):
+                orow[c] = 0
+
+
+@njit(parallel=True, cache=True)
+def _quant_nchw(x, s, lo, hi, out):
+    # x [N, C, H, W] float32 -> out [N, H, W, C] integer codes clip(rint(x / s), lo, hi)
+    lo = np.float32(lo)
+    hi = np.float32(hi)
+    N, C, H, W = x.shape
+    for r in prange(N * H):
+        img = r // H
+        h = r % H
+        tmp = np.empty((C, W), out.dtype)
+        for c in range(C):
+            xr = x[img, c, h]
+            tr = tmp[c]
+            for w in range(W):
+                tr[w] = _q1(xr[w], s, lo, hi)
+        for w in range(W):
+            orow = out[img, h, w]
+            for c in range(C):
+                orow[c] = tmp[c, w]
+
+
+@njit(parallel=True, cache=True)
+def _sign_pack_nchw(x, out):
+    # x [N, C, H, W] (real) -> out [N, H, W, ceil(C/64)] uint64 packed signs (x > 0)
+    N, C, H, W = x.shape
+    CW = out.shape[3]
+    for r in prange(N * H):
+        img = r // H
+        h = r % H
+        acc = np.empty(W, np.uint64)
+        for cw in range(CW):
+            for w in range(W):
+                acc[w] = 0
+            for c in range(cw * 64, min(cw * 64 + 64, C)):
+                xr = x[img, c, h]
+                bit = np.uint64(1) << np.uint64(c - cw * 64)
+                for w in range(W):
+                    acc[w] |= bit if xr[w] > 0 else np.uint64(0)
+            for w in range(W):
+                out[img, h, w, cw] = acc[w]
+
+
+@njit(parallel=True, cache=True)
+def _shift_rows(x, shift, sh, sw, xu):
+    # x [N, H, W, C] int8/uint8 codes -> xu [N*Ho*Wo, Kp] uint8 = x (+ 128 when shift, the
+    # int8 -> uint8 move of the VNNI GEMM), pixels strided by (sh, sw), zero padding
+    N, H, W, C = x.shape
+    Kp = xu.shape[1]
+    Ho = (H - 1) // sh + 1
+    Wo = (W - 1) // sw + 1
+    for r in prange(N * Ho):
+        img = r // Ho
+        ho = r % Ho
+        for wo in range(Wo):
+            xr = x[img, ho * sh, wo * sw]
+            orow = xu[r * Wo + wo]
+            for c in range(C):
+                orow[c] = np.uint8(np.int32(xr[c]) + shift)
+            for c in range(C, Kp):
+                orow[c] = 0
 
 
 @njit(parallel=True, cache=True)
