@@ -1006,14 +1006,18 @@ class _Step:
 
 class Engine:
     """A loaded ``.lowbit`` model: ``engine(x)`` runs a float32 NCHW batch and returns the
-    float32 logits; ``profile(x)`` times every op; ``kernels()`` names each layer's kernel."""
+    float32 logits; ``profile(x)`` times every op; ``kernels()`` names each layer's kernel.
+
+    An Engine keeps its work buffers between calls (the returned logits are always a
+    fresh array): call one Engine from one thread at a time; load one per thread for
+    concurrent inference."""
 
     def __init__(self, path, threads: int | None = None, warmup: bool = True):
         f = read(path)
         self.path = str(path)
         self.graph = f.graph
         self.meta = dict(f.meta)
-        self.file_bytes = f.header_bytes + f.payload_bytes + 8
+        self.file_bytes = f.header_bytes + f.payload_bytes  # header_bytes includes the length
         shape = self.meta.get("input_shape")
         self.input_shape = tuple(int(v) for v in shape) if shape is not None else None
         self.threads = None if threads is None else int(threads)
