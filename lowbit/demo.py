@@ -78,10 +78,14 @@ def _method_row(method: str, model: str, qat: dict[str, Any] | None = None, **op
     return row
 
 
+_ADAM = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}
+
 #: (name, function) pairs run in order; later issues append their method's row.
 DEMO_ROWS: list[tuple[str, Callable[[Path, int, int, bool], dict[str, Any]]]] = [
     ("fp32", _fp_row),
     ("prom", _method_row("prom", "mobilenet_tiny")),
+    # SBNN trains with Adam (its paper's optimizer), density target 5%
+    ("sbnn", _method_row("sbnn", "lenet5", qat=_ADAM, density=0.05)),
 ]
 
 
