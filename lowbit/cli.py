@@ -122,7 +122,9 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 10) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
     g.add_argument("--batch-size", type=_positive_int, default=128, help="default 128")
-    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"), help="default sgd")
+    g.add_argument(
+        "--optimizer", choices=("sgd", "adam", "adamw"), help="default sgd (adam for sbnn)"
+    )
     g.add_argument("--lr", type=float, help="learning rate (default 0.1 SGD, 1e-3 Adam)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, help="default 5e-4")
@@ -581,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"{e}{hint}", EXIT_INTERRUPTED, checkpoint=e.path)
     except KeyboardInterrupt:
         return fail("interrupted", EXIT_INTERRUPTED)
-    except (LowbitError, ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+    except (LowbitError, ValueError, OSError, ImportError) as e:
         if os.environ.get("LOWBIT_DEBUG"):
             raise
         return fail(str(e))

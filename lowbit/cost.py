@@ -401,8 +401,8 @@ def codec_label(c) -> str:
         return f"fp{c.bits}"
     if isinstance(c, Int):
         return f"int{c.bits}"
-    if isinstance(c, Ternary):
-        return "ternary" if c.per_channel else "ternary/t"
+    if type(c) is Ternary:  # subclasses (e.g. SBNN's masked binary) go by their own name
+        return "ternary" if c.per_channel else "ternary-t"
     if isinstance(c, Binary):
         return {"pm1": "binary", "01": "binary01", "ab": "binaryab"}[c.domain]
     if isinstance(c, FixedPoint):

@@ -56,7 +56,7 @@ __all__ = [
 
 FORMAT = "lowbit-packed"
 FORMAT_VERSION = (1, 0)
-MAX_HEADER = 64 << 20  # bytes of JSON header we are willing to parse
+MAX_HEADER = 16 << 20  # bytes of JSON header we are willing to parse
 MAX_ELEMENTS = 1 << 31  # per tensor
 
 _DTYPES = {
@@ -65,6 +65,8 @@ _DTYPES = {
     "F16": np.float16, "F32": np.float32, "F64": np.float64,
 }  # fmt: skip
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
+#: what unpacked codes may be declared as
+_CODE_DTYPES = {"int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64"}
 
 
 # ----------------------------------------------------------------------------- packing
@@ -82,11 +84,22 @@ def pack_bits(codes: np.ndarray, lo: int, bits: int, step: int = 1) -> np.ndarra
 
 
 def unpack_bits(packed: np.ndarray, count: int, lo: int, bits: int, step: int = 1) -> np.ndarray:
-    flat = np.unpackbits(np.asarray(packed, np.uint8), bitorder="little")[: count * bits]
-    if flat.size != count * bits:
+    packed = np.asarray(packed, np.uint8)
+    if packed.size * 8 < count * bits:
         raise FormatError("packed codes are shorter than their shape says")
-    u = (flat.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(1)
-    return u * step + lo
+    out = np.empty(count, np.int64)
+    chunk = 1 << 20  # codes per pass: bounded temporary memory
+    for start in range(0, count, chunk):
+        n = min(chunk, count - start)
+        first, last = start * bits, (start + n) * bits  # bit range of this chunk
+        b0 = first // 8
+        flat = np.unpackbits(packed[b0 : -(-last // 8)], bitorder="little")
+        flat = flat[first - 8 * b0 : first - 8 * b0 + n * bits].reshape(n, bits)
+        u = np.zeros(n, np.uint32 if bits <= 32 else np.uint64)
+        for j in range(bits):
+            u |= flat[:, j].astype(u.dtype) << j
+        out[start : start + n] = u
+    return out * step + lo
 
 
 def pack_base3(codes: np.ndarray) -> np.ndarray:
@@ -200,7 +213,7 @@ def _json_field(path, meta: dict, key: str, kind=dict):
         raise _fail(path, f"header has no {key!r}")
     try:
         value = json.loads(meta[key])
-    except (json.JSONDecodeError, TypeError, RecursionError) as e:
+    except (ValueError, TypeError, RecursionError) as e:
         raise _fail(path, f"{key} is not valid JSON ({e})") from None
     if not isinstance(value, kind):
         raise _fail(path, f"{key} should be a JSON {kind.__name__}")
@@ -223,6 +236,8 @@ def read(path: str | os.PathLike, verify: bool = True) -> LoadedFile:
     every tensor's CRC-32. Raises ``FileNotFoundError`` or ``FormatError``."""
     path = Path(path)
     size = path.stat().st_size  # FileNotFoundError as usual
+    if not path.is_file():
+        raise _fail(path, "not a file")
     if size < 8:
         raise _fail(path, f"not a lowbit file (only {size} bytes)")
     with open(path, "rb") as f:
@@ -233,7 +248,7 @@ def read(path: str | os.PathLike, verify: bool = True) -> LoadedFile:
         head = f.read(n)
         try:
             header = json.loads(head)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, huge ints
             raise _fail(path, f"not a lowbit file (header is not JSON: {e})") from None
         if not isinstance(header, dict):
             raise _fail(path, "not a lowbit file (header is not a JSON object)")
@@ -259,7 +274,11 @@ def read(path: str | os.PathLike, verify: bool = True) -> LoadedFile:
         data_len = size - data_start
         spans = []
         for name, e in header.items():
-            if not isinstance(e, dict) or e.get("dtype") not in _DTYPES:
+            if (
+                not isinstance(e, dict)
+                or not isinstance(e.get("dtype"), str)
+                or (e["dtype"] not in _DTYPES)
+            ):
                 raise _fail(path, f"tensor {name}: bad entry")
             shape = _shape(path, name, e.get("shape"))
             offs = e.get("data_offsets")
@@ -287,16 +306,26 @@ def read(path: str | os.PathLike, verify: bool = True) -> LoadedFile:
             raise _fail(path, f"{data_len - pos} stray bytes after the last tensor")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
     tensors: dict[str, np.ndarray] = {}
-    for begin, end, name, shape, dt in spans:
-        view = memoryview(mm)[data_start + begin : data_start + end]
-        if verify:
-            want = checks.get(name)
-            if want is None:
-                raise _fail(path, f"tensor {name} has no checksum")
-            if f"{zlib.crc32(view):08x}" != want:
-                raise _fail(path, f"tensor {name}: checksum mismatch (damaged file)")
-        a = np.frombuffer(view, dtype=_DTYPES[dt]).reshape(shape)
-        tensors[name] = _unpack(path, name, a, packing.get(name))
+    try:
+        for begin, end, name, shape, dt in spans:
+            view = memoryview(mm)[data_start + begin : data_start + end]
+            if verify:
+                want = checks.get(name)
+                if want is None:
+                    raise _fail(path, f"tensor {name} has no checksum")
+                if f"{zlib.crc32(view):08x}" != want:
+                    raise _fail(path, f"tensor {name}: checksum mismatch (damaged file)")
+            a = np.frombuffer(view, dtype=_DTYPES[dt]).reshape(shape)
+            tensors[name] = _unpack(path, name, a, packing.get(name))
+            del view, a
+    except BaseException:
+        tensors.clear()
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a view is still referenced by the traceback; GC closes it
+                pass
+        raise
     extra = set(packing) - set(tensors)
     if extra:
         raise _fail(path, f"packing names missing tensors: {sorted(extra)[:3]}")
@@ -311,12 +340,10 @@ def _unpack(path, name: str, a: np.ndarray, spec: dict | None) -> np.ndarray:
     kind = spec.get("kind")
     shape = _shape(path, name, spec.get("shape"))
     count = math.prod(shape)
-    try:
-        dtype = np.dtype(spec.get("dtype", "int8"))
-    except TypeError:
-        raise _fail(path, f"tensor {name}: bad dtype {spec.get('dtype')!r}") from None
-    if dtype.kind not in "iuf":
-        raise _fail(path, f"tensor {name}: bad dtype {dtype}")
+    dtype_name = spec.get("dtype", "int8")
+    if not isinstance(dtype_name, str) or dtype_name not in _CODE_DTYPES:
+        raise _fail(path, f"tensor {name}: bad dtype {dtype_name!r}")
+    dtype = np.dtype(dtype_name)
     if kind == "bits":
         bits, lo, step = spec.get("bits"), spec.get("lo"), spec.get("step", 1)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (bits, lo, step)):
@@ -340,4 +367,9 @@ def _unpack(path, name: str, a: np.ndarray, spec: dict | None) -> np.ndarray:
         codes = a
     else:
         raise _fail(path, f"tensor {name}: unknown packing {kind!r}")
-    return np.asarray(codes).astype(dtype, copy=False).reshape(shape)
+    codes = np.asarray(codes)
+    if dtype.kind in "iu" and codes.size and codes.dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if codes.min() < info.min or codes.max() > info.max:
+            raise _fail(path, f"tensor {name}: codes do not fit {dtype}")
+    return codes.astype(dtype, copy=False).reshape(shape)

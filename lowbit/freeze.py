@@ -262,6 +262,7 @@ class FrozenModel:
                     raise FreezeError(f"tensor {key!r} has shape {list(t.shape)}, the graph "
                                       f"says {spec[1]}")  # fmt: skip
                 ts[k] = t
+            _check_op(kind, attrs, ts, f"{where} ({name})")
             ops.append(FrozenOp(kind, name, list(inputs), output, dict(attrs), ts))
         if out not in defined:
             raise FreezeError(f"frozen graph: output {out!r} is never computed")
@@ -374,7 +375,11 @@ _EXEC = {
         i[0] * _channel(op.tensors["scale"], i[0].dim()) + _channel(op.tensors["shift"], i[0].dim())
     ),
     "relu": lambda op, i: torch.relu(i[0]),
-    "clamp": lambda op, i: torch.clamp(i[0], op.attrs["min"], op.attrs["max"]),
+    "clamp": lambda op, i: (
+        torch.clamp(i[0], op.attrs["min"], op.attrs["max"])
+        if op.attrs["min"] is not None or op.attrs["max"] is not None
+        else i[0]
+    ),
     "maxpool": _exec_maxpool,
     "avgpool": _exec_avgpool,
     "gap": _exec_gap,
@@ -548,7 +553,9 @@ class _Builder:
         elif name == "mean":
             dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
             keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-            if dims is None or sorted(d % 4 for d in dims) != [2, 3]:
+            dims = [dims] if isinstance(dims, int) else dims
+            x_dim = self.values[targs[0].name].dim()
+            if dims is None or x_dim != 4 or sorted(d % 4 for d in dims) != [2, 3]:
                 raise self.unsupported(node, "mean over dimensions other than (2, 3)")
             self.emit("gap", node, targs[:1], {"keepdim": bool(keep)})
         elif name in ("dropout",):
@@ -683,27 +690,36 @@ class _Builder:
                 if c.kind == "relu":
                     lo = max(lo, 0)
                 elif c.kind == "clamp":
-                    lo = max(lo, _round_even(c.attrs["min"] / s_next))
-                    hi = min(hi, _round_even(c.attrs["max"] / s_next))
+                    if c.attrs["min"] is not None:
+                        lo = max(lo, _round_even(c.attrs["min"] / s_next))
+                    if c.attrs["max"] is not None:
+                        hi = min(hi, _round_even(c.attrs["max"] / s_next))
             if lo > hi:
                 continue
             t = op.tensors
             out_scale = t["out_scale"].double()
-            dead = out_scale == 0
+            qa = op.attrs["in_quant"]
+            amax = max(abs(qa["lo"]), abs(qa["hi"]))
+            acc_bound = t["codes"].to(torch.int64).abs().flatten(1).sum(1).double() * amax
+            # a channel whose accumulator moves its output by less than 1/256 of a step is
+            # a constant (e.g. a BatchNorm gamma near 0): treat it as dead, so the huge
+            # bias / out_scale never enters the int64 arithmetic
+            dead = (out_scale.abs() * acc_bound / s_next) < 2**-8
             safe = torch.where(dead, torch.ones_like(out_scale), out_scale)
             # the bias in accumulator units (a dead channel: acc = 0, M = 1, bias / s_next)
             bias_acc = torch.where(dead, t["bias"].double() / s_next, t["bias"].double() / safe)
             mult = torch.where(dead, torch.ones_like(out_scale), out_scale / s_next)
-            if dead.any():
-                codes = t["codes"].clone()
-                codes[dead] = 0
-                t["codes"] = codes
-            # keep |(acc * 2**b + bias) * m| < 2**61 with a 24-bit m, b extra bias bits
-            qa = op.attrs["in_quant"]
-            amax = max(abs(qa["lo"]), abs(qa["hi"]))
-            bound = int(t["codes"].to(torch.int64).abs().flatten(1).sum(1).max()) * amax
+            codes = t["codes"].clone()
+            codes[dead] = 0
+            # keep |(acc * 2**b + bias) * m| < 2**61 with a 24-bit m, b extra bias bits;
+            # a layer whose bound leaves no room keeps its float output instead
+            bound = int(codes.to(torch.int64).abs().flatten(1).sum(1).max()) * amax
             bound += int(bias_acc.abs().max().ceil()) + 1
-            pre_shift = max(0, min(16, 61 - _MULT_BITS - math.ceil(math.log2(bound + 1))))
+            room = 61 - _MULT_BITS - math.ceil(math.log2(bound + 1))
+            if room < 0 or float(mult.abs().max()) >= 2**30:
+                continue
+            t["codes"] = codes
+            pre_shift = min(16, room)
             m, n = quantize_multiplier((mult.abs() / 2**pre_shift).numpy(), bits=_MULT_BITS)
             m = torch.from_numpy(m) * torch.where(mult < 0, -1, 1)
             bias_q = bias_acc * 2**pre_shift
@@ -766,11 +782,95 @@ def _pool_attrs(node, name: str) -> dict[str, Any]:
     return attrs
 
 
+def _ints(v, n: int | None = None, low: int = 0) -> bool:
+    if not isinstance(v, list) or (n is not None and len(v) != n):
+        return False
+    return all(isinstance(i, int) and not isinstance(i, bool) and i >= low for i in v)
+
+
+def _num(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_op(kind: str, a: dict, ts: dict, where: str) -> None:
+    """The attributes and tensors an op of ``kind`` needs, with their types (a loaded
+    file must fail here, not later while running)."""
+    bad = []
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            bad.append(what)
+
+    def tensors(*names: str) -> None:
+        for n in names:
+            need(n in ts, f"tensor {n}")
+
+    if kind in ("conv", "linear"):
+        need(a.get("path") in ("int", "float"), "path")
+        need(a.get("out") in ("int", "float"), "out")
+        if kind == "conv":
+            for k in ("stride", "dilation"):
+                need(_ints(a.get(k), 2, 1), k)
+            need(_ints(a.get("padding"), 2), "padding")
+            need(isinstance(a.get("groups"), int) and a.get("groups", 0) >= 1, "groups")
+            for k in ("in_shape", "out_shape"):  # recorded by freeze; optional otherwise
+                need(k not in a or _ints(a[k], 3, 1), k)
+        tensors("codes")
+        if a.get("out") == "int":
+            tensors("m", "n", "bias_q")
+            need(isinstance(a.get("pre_shift"), int) and 0 <= a.get("pre_shift", -1) <= 16,
+                 "pre_shift")  # fmt: skip
+            need(isinstance(a.get("lo"), int) and isinstance(a.get("hi"), int), "lo/hi")
+            if "n" in ts and ts["n"].numel():
+                need(int(ts["n"].min()) >= 1 and int(ts["n"].max()) <= 62, "n in 1..62")
+        else:
+            tensors("out_scale", "bias")
+        q = a.get("in_quant")
+        need(q is None or (isinstance(q, dict) and isinstance(q.get("lo"), int)
+                           and isinstance(q.get("hi"), int)), "in_quant")  # fmt: skip
+        for k in ("weight_codec", "act_codec"):  # parsed where used (cost, packing)
+            need(isinstance(a.get(k), dict) and isinstance(a[k].get("_type"), str), k)
+    elif kind == "quantize":
+        need(a.get("mode") in ("int8", "sign"), "mode")
+        need(_num(a.get("scale")) and a.get("scale", 0) > 0, "scale")
+        need(isinstance(a.get("lo"), int) and isinstance(a.get("hi"), int), "lo/hi")
+    elif kind == "clamp":
+        need(all(a.get(k) is None or _num(a.get(k)) for k in ("min", "max")), "min/max")
+    elif kind in ("maxpool", "avgpool"):
+        need(_ints(a.get("kernel"), 2, 1) and _ints(a.get("stride"), 2, 1), "kernel/stride")
+        need(_ints(a.get("padding"), 2), "padding")
+        need(isinstance(a.get("ceil_mode"), bool), "ceil_mode")
+        if kind == "maxpool":
+            need(_ints(a.get("dilation"), 2, 1), "dilation")
+        else:
+            need(isinstance(a.get("count_include_pad"), bool), "count_include_pad")
+    elif kind == "flatten":
+        need(isinstance(a.get("start_dim"), int) and isinstance(a.get("end_dim"), int), "dims")
+    elif kind == "reshape":
+        need(_ints(a.get("shape"), None, -1), "shape")
+    elif kind == "cat":
+        need(isinstance(a.get("dim"), int), "dim")
+    elif kind == "pad":
+        need(_ints(a.get("pad"), None, -(2**31)) and _num(a.get("value")), "pad/value")
+    elif kind == "slice":
+        sl = a.get("slices")
+        need(isinstance(sl, list) and all(
+            isinstance(x, list) and len(x) == 3
+            and all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in x)
+            and x[2] != 0 for x in sl), "slices")  # fmt: skip
+    elif kind == "affine":
+        tensors("scale", "shift")
+    elif kind == "gap":
+        need(isinstance(a.get("keepdim", True), bool), "keepdim")
+    if bad:
+        raise FreezeError(f"{where}: missing or malformed {', '.join(bad)}")
+
+
 def _round_even(v: float) -> int:
     return int(torch.round(torch.tensor(v, dtype=torch.float32)))
 
 
-def _clamp_attrs(node, name) -> dict[str, float]:
+def _clamp_attrs(node, name) -> dict[str, float | None]:
     if name == "hardtanh":
         lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
         hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
@@ -779,10 +879,8 @@ def _clamp_attrs(node, name) -> dict[str, float]:
         hi = node.kwargs.get("max", node.args[2] if len(node.args) > 2 else None)
     if not all(isinstance(v, int | float) or v is None for v in (lo, hi)):
         raise FreezeError(f"clamp bounds must be constants (node {node.name})")
-    return {
-        "min": -math.inf if lo is None else float(lo),
-        "max": math.inf if hi is None else float(hi),
-    }
+    # a missing bound is stored as null (JSON has no infinity)
+    return {"min": None if lo is None else float(lo), "max": None if hi is None else float(hi)}
 
 
 def _slices(node, b: _Builder) -> list[list]:

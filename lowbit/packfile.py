@@ -73,7 +73,7 @@ def save(frozen: FrozenModel, path: str | os.PathLike) -> dict[str, Any]:
         else:
             arrays[key] = t.contiguous().numpy()
     graph = frozen.graph()
-    meta = graph.pop("meta")
+    meta = dict(graph.pop("meta"))  # a copy: saving must not change the model
     meta.setdefault("lowbit_version", __version__)
     sizes = write(path, arrays, graph, meta, packing)
     return {"path": str(path), **sizes}
@@ -82,8 +82,8 @@ def save(frozen: FrozenModel, path: str | os.PathLike) -> dict[str, Any]:
 def load_frozen(path: str | os.PathLike) -> FrozenModel:
     """Read a ``.lowbit`` file written by ``save`` into a ``FrozenModel``."""
     f = read(path)
-    tensors = {k: torch.from_numpy(np.array(v)) for k, v in f.tensors.items()}
     try:
+        tensors = {k: torch.from_numpy(np.array(v)) for k, v in f.tensors.items()}
         return FrozenModel.from_parts({**f.graph, "meta": f.meta}, tensors)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise FormatError(f"{path}: damaged graph ({type(e).__name__}: {e})") from None

@@ -129,7 +129,7 @@ def _structural_mutations(raw: bytes, rng: random.Random) -> bytes:
     elif choice == 1:
         header[name]["data_offsets"] = [0, huge]
     elif choice == 2:
-        header[name]["dtype"] = rng.choice(["F99", "I8", "F64", "U8", None])
+        header[name]["dtype"] = rng.choice(["F99", "I8", "F64", "U8", None, ["I8"], {"a": 1}])
     elif choice == 3:
         meta["lowbit.format_version"] = rng.choice(["2.0", "0.1", "x", "1", "", "1.9"])
     elif choice == 4:
@@ -138,7 +138,9 @@ def _structural_mutations(raw: bytes, rng: random.Random) -> bytes:
         packing = json.loads(meta["lowbit.packing"])
         key = rng.choice(sorted(packing))
         field = rng.choice(["bits", "lo", "step", "shape", "kind", "dtype"])
-        packing[key][field] = rng.choice([huge, 0, 33, "bits", [1, 2], [2**31, 2**31], "float64"])
+        packing[key][field] = rng.choice(
+            [huge, 0, 33, "bits", [1, 2], [2**31, 2**31], "float64", ">i4", "float128", ["i"]]
+        )
         meta["lowbit.packing"] = json.dumps(packing)
     elif choice == 6:
         graph = json.loads(meta["lowbit.graph"])
@@ -147,7 +149,7 @@ def _structural_mutations(raw: bytes, rng: random.Random) -> bytes:
         op[key] = rng.choice([huge, [], {}, "nonsense", ["nowhere"]])
         meta["lowbit.graph"] = json.dumps(graph)
     elif choice == 7:
-        meta[rng.choice(sorted(meta))] = rng.choice(["{", "[]", "null", "1e999", '"s"'])
+        meta[rng.choice(sorted(meta))] = rng.choice(["{", "[]", "null", "1e999", '"s"', "9" * 5000])
     elif choice == 8:
         checks = json.loads(meta["lowbit.checksums"])
         checks[name] = "deadbeef"

@@ -309,3 +309,45 @@ def test_functional_pooling_freezes():
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(frozen(x), m(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 1e-9, -1e-9, 1e-12, 0.0])
+def test_tiny_batchnorm_gamma_and_one_sided_clamp(gamma):
+    """A BN gamma near 0 makes a channel constant: the fused requantization must not
+    overflow (it used to wrap in int64); clamp(max=6) alone must freeze."""
+
+    class M(nn.Module):
+        default_input_shape = (2, 6, 6)
+
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.c2 = nn.Conv2d(4, 3, 1)
+            self.fc = nn.Linear(3 * 36, 2)
+
+        def forward(self, x):
+            x = self.c2(torch.relu(self.bn(self.c1(x)))).clamp(max=6)
+            return self.fc(x.flatten(1))
+
+    torch.manual_seed(0)
+    m = compress_(M(), Recipe("t", [Rule(select="all", weights="int8", activations="int8")]))
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 2, 6, 6))
+        m.bn.weight[0] = gamma
+        m.bn.bias[0] = 2.0
+    m.eval()
+    frozen = freeze(m)
+    assert [op.attrs["out"] for op in frozen.layers()] == ["int", "int", "float"]
+    x = torch.randn(8, 2, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(frozen(x), m(x), atol=1e-5)
+    with pytest.raises(FreezeError, match="mean"):
+
+        class G(M):
+            def forward(self, x):
+                return self.fc(self.c2(self.c1(x)).flatten(1)) + x.mean(3).mean(2).sum()
+
+        freeze(G())

@@ -979,7 +979,9 @@ def _affine(t):
 
 
 def _clamp(a):
-    lo, hi = float(a["min"]), float(a["max"])
+    # a missing bound is stored as null
+    lo = -math.inf if a["min"] is None else float(a["min"])
+    hi = math.inf if a["max"] is None else float(a["max"])
 
     def run(x):
         if x.dtype.kind in "iu":
