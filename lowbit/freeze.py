@@ -61,7 +61,6 @@ from .codecs import (
     SignAct,
     Ternary,
     WeightCodec,
-    codec_from_dict,
 )
 from .layers import QuantConv2d, QuantLinear
 from .requant import quantize_multiplier, requantize
@@ -698,9 +697,7 @@ class _Builder:
                 continue
             t = op.tensors
             out_scale = t["out_scale"].double()
-            qa = op.attrs["in_quant"]
-            amax = max(abs(qa["lo"]), abs(qa["hi"]))
-            acc_bound = t["codes"].to(torch.int64).abs().flatten(1).sum(1).double() * amax
+            acc_bound = _acc_bound(t["codes"], op.attrs["in_quant"]).double()
             # a channel whose accumulator moves its output by less than 1/256 of a step is
             # a constant (e.g. a BatchNorm gamma near 0): treat it as dead, so the huge
             # bias / out_scale never enters the int64 arithmetic
@@ -713,7 +710,7 @@ class _Builder:
             codes[dead] = 0
             # keep |(acc * 2**b + bias) * m| < 2**61 with a 24-bit m, b extra bias bits;
             # a layer whose bound leaves no room keeps its float output instead
-            bound = int(codes.to(torch.int64).abs().flatten(1).sum(1).max()) * amax
+            bound = int(_acc_bound(codes, op.attrs["in_quant"]).max())
             bound += int(bias_acc.abs().max().ceil()) + 1
             room = 61 - _MULT_BITS - math.ceil(math.log2(bound + 1))
             if room < 0 or float(mult.abs().max()) >= 2**30:
@@ -747,15 +744,19 @@ class _Builder:
         for op in self.ops:
             if op.kind not in ("conv", "linear") or op.attrs["path"] != "int":
                 continue
-            q = op.attrs["in_quant"]
-            amax = max(abs(q["lo"]), abs(q["hi"]))
-            codes = op.tensors["codes"].to(torch.int64).abs()
-            worst = int(codes.flatten(1).sum(1).max()) * amax
+            worst = int(_acc_bound(op.tensors["codes"], op.attrs["in_quant"]).max())
             if worst > _ACC_LIMIT:
                 raise FreezeError(
                     f"layer {op.attrs['module']}: the int32 accumulator could overflow (worst "
                     f"case {worst:,}); use fewer weight bits"
                 )
+
+
+def _acc_bound(codes: Tensor, in_quant: dict) -> Tensor:
+    """Per output channel, the largest |accumulator| an integer layer can reach:
+    sum |codes| times the largest input code (int64)."""
+    amax = max(abs(in_quant["lo"]), abs(in_quant["hi"]))
+    return codes.to(torch.int64).abs().flatten(1).sum(1) * amax
 
 
 def _pool_attrs(node, name: str) -> dict[str, Any]:
@@ -1001,8 +1002,3 @@ def freeze(
         return FrozenModel(b.ops, input_name, b.output, json.loads(json.dumps(info)))
     finally:
         model.train(was_training)
-
-
-def codec_of(op: FrozenOp):
-    """The weight and activation codecs of a frozen conv/linear op."""
-    return codec_from_dict(op.attrs["weight_codec"]), codec_from_dict(op.attrs["act_codec"])

@@ -177,6 +177,13 @@ def test_compress_prom_end_to_end(tmp_path, capsys):
     code, out, err = run(capsys, "analyze", "--checkpoint", saved["path"], "--json")
     assert code == 0, err
     assert json.loads(out)["totals"]["storage_bytes"] == saved["payload_bytes"]
+    # lowbit run: the packed file alone, with lowbit's runtime, on the same test subset
+    code, out, err = run(capsys, "run", saved["path"], "--data", "sample", "--limit-test", "32",
+                         "--check", "--json")  # fmt: skip
+    assert code == 0, err
+    ran = json.loads(out)
+    assert ran["agreement_with_reference"] == 1.0 and ran["test_samples"] == 32
+    assert ran["test_accuracy"] == pytest.approx(res["frozen_test_accuracy"])
 
 
 def test_save_errors(tmp_path, capsys):
