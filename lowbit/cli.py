@@ -307,7 +307,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if qat_config.lr is None:  # fine-tuning from an FP model: a smaller step than training
         qat_config = replace(qat_config, lr=0.01 if qat_config.optimizer == "sgd" else 1e-4)
     options = _parse_kv(args.method_arg, "--method-arg")
-    for flag in ("density",):  # method options with their own flags
+    for flag in ("density", "n", "k"):  # method options with their own flags
         if getattr(args, flag, None) is not None:
             options[flag] = getattr(args, flag)
     result = compress_model(
@@ -483,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--density", type=float, help="target fraction of non-zero weights (sbnn; default 0.05)"
     )
+    p.add_argument("--n", type=int, help="SST group size (sst; default 8)")
+    p.add_argument("--k", type=int, help="SST non-zeros allowed per group (sst; default 2)")
     p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
     _add_data(p)
     _add_training(p)

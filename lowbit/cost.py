@@ -21,6 +21,7 @@ parameter in fp32 (or fp16).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -179,7 +180,7 @@ def analyze(
         quantized = isinstance(m, QuantConv2d | QuantLinear) and not isinstance(wc, Float)
         bn = folded_bn.get(name, 0)
         # storage: codes + scales + bias (+ BN folded into per-channel scale and bias)
-        bits = numel * wc.weight_bits()
+        bits = wc.code_bits(tuple(m.weight.shape))
         if quantized:
             scales = wc.scale_count(tuple(m.weight.shape))
             if bn and scales < out_ch and not isinstance(wc, Binary):
@@ -268,7 +269,7 @@ def _analyze_frozen(frozen, convention: str) -> dict[str, Any]:
         bits = 0.0
         for name, t in op.tensors.items():
             if name == "codes":
-                bits += numel * _stored_bits(wc)
+                bits += _stored_bits(wc, tuple(codes.shape))
             else:
                 bits += 8.0 * t.numel() * t.element_size()
         layers.append(_layer_cost(
@@ -282,11 +283,11 @@ def _analyze_frozen(frozen, convention: str) -> dict[str, Any]:
                    convention)  # fmt: skip
 
 
-def _stored_bits(wc) -> float:
-    """Bits per code in the packed file (fp16 and fp32 weights as such)."""
+def _stored_bits(wc, shape: tuple[int, ...]) -> float:
+    """Bits the codes of ``shape`` take in the packed file (fp16 and fp32 weights as such)."""
     if isinstance(wc, Float):
-        return float(wc.bits)
-    return wc.weight_bits()
+        return float(wc.bits) * math.prod(shape)
+    return wc.code_bits(shape)
 
 
 def _kind_of(op) -> str:

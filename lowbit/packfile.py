@@ -28,6 +28,9 @@ def _packing_for(codec_dict: dict, codes: torch.Tensor) -> dict[str, Any]:
     """How a layer's codes are stored, from its weight codec (falls back to the codes'
     own range)."""
     codec = codec_from_dict(codec_dict)
+    own = codec.file_packing()
+    if own is not None:
+        return dict(own)
     lo_c, hi_c = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
     if isinstance(codec, Ternary):
         if codec.packing == "base3":
