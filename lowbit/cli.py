@@ -374,7 +374,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = compare(args.model_file, threads=args.threads or 1, batch=args.batch,
                      repeats=args.repeats, onnx=not args.no_onnx,
-                     per_layer=args.per_layer)  # fmt: skip
+                     per_layer=args.per_layer, sst_kernel=args.sst_kernel)  # fmt: skip
     _emit(args, result, format_result(result))
     return 0
 
@@ -529,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=30, help="timed runs (default 30)")
     p.add_argument("--per-layer", action="store_true", help="add a per-layer profile")
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    p.add_argument("--sst-kernel", choices=["gemm", "lut"], default="gemm",
+                   help="SST layers: int8 GEMM (default) or look-up tables")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--threads", type=_positive_int, default=1, help="threads (default 1)")
     p.set_defaults(func=cmd_bench)

@@ -23,6 +23,10 @@ Packing of weight codes (``kind``):
   each group stored as its codebook index in ``bits`` bits (as ``bits`` packing, ``lo`` 0);
 - ``raw`` / ``float16``: the array as is (int8 codes, float weights) or as float16.
 
+``row_mask: true`` (bit-packed kinds): the all-zero rows (output channels whose weights
+are all zero, e.g. the empty filters of a sparse binary layer) are not stored; a bit mask
+of the rows kept comes first (``ceil(rows / 8)`` bytes), then the kept rows' codes.
+
 Reading is defensive: every malformed file (truncated, no marker, bad JSON, sizes that
 do not add up, absurd shapes, a wrong checksum, an unknown version) raises
 ``FormatError``; sizes are checked before anything is allocated; tensors are memory-mapped.
@@ -141,7 +145,23 @@ def packed_nbytes(spec: dict[str, Any], count: int, shape=None) -> int:
     raise FormatError(f"packing {kind!r} has no fixed size")
 
 
+#: packings that may drop all-zero rows (``row_mask``)
+ROW_MASK_KINDS = ("bits", "base3", "sst")
+
+
 def pack(codes: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Pack ``codes`` as ``spec`` says. With ``spec["row_mask"]`` (bit-packed kinds only)
+    the rows (dim 0) that are all zero are left out: a bit mask of the rows kept
+    (``ceil(rows / 8)`` bytes, bit ``r % 8`` of byte ``r // 8``) precedes the packed codes
+    of the kept rows."""
+    if spec.get("row_mask"):
+        if spec["kind"] not in ROW_MASK_KINDS:
+            raise ValueError(f"packing {spec['kind']!r} cannot drop rows")
+        codes = np.asarray(codes)
+        live = codes.reshape(codes.shape[0], -1).any(1)
+        mask = np.packbits(live, bitorder="little")
+        inner = pack(codes[live], {**spec, "row_mask": False})
+        return np.concatenate([mask, inner]).astype(np.uint8)
     kind = spec["kind"]
     if kind == "bits":
         return pack_bits(codes, spec["lo"], spec["bits"], spec.get("step", 1))
@@ -356,8 +376,24 @@ def _unpack(path, name: str, a: np.ndarray, spec: dict | None) -> np.ndarray:
         return a
     if not isinstance(spec, dict):
         raise _fail(path, f"tensor {name}: bad packing entry")
-    kind = spec.get("kind")
     shape = _shape(path, name, spec.get("shape"))
+    if not spec.get("row_mask"):
+        return _unpack_plain(path, name, a, spec, shape)
+    if spec.get("kind") not in ROW_MASK_KINDS or not shape or a.dtype != np.uint8:
+        raise _fail(path, f"tensor {name}: a row mask needs bit-packed codes")
+    rows = shape[0]
+    mb = -(-rows // 8)
+    if a.size < mb:
+        raise _fail(path, f"tensor {name}: {a.size} bytes do not hold a mask of {rows} rows")
+    live = np.unpackbits(a[:mb], count=rows, bitorder="little").astype(bool)
+    inner = _unpack_plain(path, name, a[mb:], spec, (int(live.sum()), *shape[1:]))
+    out = np.zeros(shape, inner.dtype)
+    out[live] = inner
+    return out
+
+
+def _unpack_plain(path, name: str, a: np.ndarray, spec: dict, shape) -> np.ndarray:
+    kind = spec.get("kind")
     count = math.prod(shape)
     dtype_name = spec.get("dtype", "int8")
     if not isinstance(dtype_name, str) or dtype_name not in _CODE_DTYPES:
@@ -394,7 +430,8 @@ def _unpack(path, name: str, a: np.ndarray, spec: dict | None) -> np.ndarray:
             raise _fail(path, f"tensor {name}: {a.size} packed bytes do not hold {ngroups} "
                               f"SST groups of {bits} bits")  # fmt: skip
         rows = shape[0] if len(shape) else 1
-        index = unpack_bits(a, ngroups, 0, bits).reshape(rows, -1)
+        per_row = sstcode.groups_per_row(math.prod(shape[1:]), n)
+        index = unpack_bits(a, ngroups, 0, bits).reshape(rows, per_row)
         try:
             codes = sstcode.decode_groups(index, n, k, math.prod(shape[1:]))
         except ValueError as e:
