@@ -63,9 +63,11 @@ def test_bad_n_k_are_clear_errors(n, k):
         SST(n, k)
 
 
-def test_random_encode_decode_round_trip():
+def test_random_encode_decode_round_trip(tmp_path):
+    from lowbit.fileformat import pack, write
+
     rng = np.random.default_rng(0)
-    for _ in range(30):
+    for i in range(30):
         n = int(rng.integers(1, 13))
         k = int(rng.integers(1, min(n, 4) + 1))
         rows, fan_in = int(rng.integers(1, 7)), int(rng.integers(1, 40))
@@ -75,6 +77,12 @@ def test_random_encode_decode_round_trip():
         assert idx.shape == (rows, -(-fan_in // n))
         back = sstcode.decode_groups(idx, n, k, fan_in)
         assert np.array_equal(back, t.numpy().astype(np.int8))
+        # through the file: indices packed at ceil(log2(codebook)) bits
+        spec = {**SST(n, k).file_packing(), "shape": [rows, fan_in], "dtype": "int8"}
+        packed = pack(t.numpy(), spec)
+        assert packed.nbytes == -(-idx.size * sstcode.index_bits(n, k) // 8)
+        write(tmp_path / f"{i}.lowbit", {"w": packed}, {"ops": []}, {}, {"w": spec})
+        assert np.array_equal(read(tmp_path / f"{i}.lowbit").tensors["w"], t.numpy())
 
 
 def test_encode_refuses_too_many_nonzeros_and_bad_codes():
@@ -205,6 +213,13 @@ def test_schedule_lowers_k_to_target():
 
     hook.on_epoch_start(T(), 0)
     assert all(m.weight_codec.k_active == 8 for _, m in sst_layers(net))
+    # a dense ternary start: at k_active = n the forward value is the threshold-rule ternary
+    layer = sst_layers(net)[0][1]
+    assert layer.weight_codec.ternary_active
+    w = layer.weight.detach()
+    t, delta = sst_project(w, 8, 8, threshold=True)
+    assert torch.equal(layer.quantized_weight().detach(), t * delta[:, None])
+    assert 0 < (t == 0).float().mean() < 0.9
     T.global_step = 9
     hook.after_step(T())  # progress 0.5: the target
     assert all(m.weight_codec.k_active is None for _, m in sst_layers(net))
@@ -331,3 +346,48 @@ def test_every_pattern_index_decodes_to_itself():
         assert idx[:, 0].tolist() == list(range(len(book)))
         combos = sum(1 for j in range(k + 1) for _ in itertools.combinations(range(n), j))
         assert combos <= len(book)
+
+
+def test_resume_mid_schedule_is_exact(tmp_path):
+    from lowbit.errors import TrainingInterrupted
+    from lowbit.train import TrainHook
+
+    class StopAt(TrainHook):
+        def __init__(self, at):
+            self.at = at
+
+        def after_step(self, trainer):
+            if trainer.global_step == self.at:
+                raise KeyboardInterrupt
+
+    train = data.load("sample", "train").subset(256, seed=0)
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.05, progress=False, seed=0)
+    meta = {"model": {"name": "lenet300", "kwargs": {}, "num_classes": 10,
+                      "input_shape": [1, 28, 28]}}  # fmt: skip
+    tf = transforms.train_transform("sample")
+
+    def fresh():
+        torch.manual_seed(0)
+        rec = sst_recipe(n=4, k=1, prune_end=0.9)
+        return compress_(models.create("lenet300"), rec, torch.zeros(1, 1, 28, 28)), rec
+
+    full, rec = fresh()
+    Trainer(full, cfg, hooks=rec.hooks(full), train_transform=tf, log=lambda s: None).fit(train)
+    part, rec2 = fresh()
+    meta["recipe"] = rec2.to_dict()
+    t = Trainer(part, cfg, hooks=[*rec2.hooks(part), StopAt(1)], out_dir=tmp_path, meta=meta,
+                train_transform=tf, log=lambda s: None)  # fmt: skip
+    with pytest.raises(TrainingInterrupted):
+        t.fit(train)  # stops at step 2 of 4 of epoch 1, inside the schedule (k = 2)
+    net, ckpt = build_from_checkpoint(tmp_path / "last.pt")
+    ckpt["hooks"] = ckpt["hooks"][:-1]
+    ckpt["step"] += 1  # the interrupt came inside after_step, before the step was counted
+    ckpt["global_step"] += 1
+    rec3 = net.lowbit_recipe
+    Trainer(net, cfg, hooks=rec3.hooks(net), train_transform=tf, log=lambda s: None).fit(
+        train, resume=ckpt
+    )
+    a, b = full.state_dict(), net.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
