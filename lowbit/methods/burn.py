@@ -84,7 +84,9 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -380,7 +382,7 @@ def collapse_stats(z: Tensor, temperature: float = 0.2) -> dict[str, float]:
     normalized outputs from their mean: 0 when all are equal, near 1 when spread out) and
     ``entropy`` = H(mean_i softmax(z_i / T)) / log(K) (0: one pseudo-class for the whole
     batch; 1: a uniform mean over all K pseudo-classes)."""
-    zh = F.normalize(z.detach().float(), dim=1)
+    zh = F.normalize(z.detach().double(), dim=1)
     spread = math.sqrt(max(0.0, 1.0 - float(zh.mean(0).pow(2).sum())))
     p = F.softmax(z.detach().float() / temperature, 1).mean(0)
     h = float(-(p * p.clamp_min(1e-12).log()).sum())
@@ -577,6 +579,27 @@ class BURNObjective(nn.Module):
 # ----------------------------------------------------------------------------- loop
 
 
+class _DeferInterrupt:
+    """Hold Ctrl-C (SIGINT) back until the block ends, so that a checkpoint written on an
+    interrupt never holds weights one step ahead of its step count (main thread only)."""
+
+    def __enter__(self):
+        self.hit, self.old = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        if self.hit and exc[0] is None:
+            raise KeyboardInterrupt
+        return False
+
+
 def _images(data) -> Tensor:
     if isinstance(data, Tensor):
         return data
@@ -706,10 +729,11 @@ def train_two_view(
                 loss.backward()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
-                opt.step()
-                if after_step is not None:
-                    after_step()
-                step += 1
+                with _DeferInterrupt():  # the update and the step count change together
+                    opt.step()
+                    if after_step is not None:
+                        after_step()
+                    step += 1
                 done_here += 1
                 sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
                 for k, v in stats.items():
