@@ -13,6 +13,8 @@ int8 first and last layers), the same initial weights (``--seed``), the same two
 - ``fixed-target``: distillation from a fixed target (the FP head frozen at its random
   init, otherwise BURN's loss);
 - ``burn-no-feature``: BURN without the feature-similarity term (KL alone);
+- ``burn-paper-head``: BURN with the paper's heads (no BatchNorm on the head outputs, the
+  ``head_out_bn=False`` option);
 - upper bounds: ``fp-encoder`` (the FP target encoder itself: SimCLR, ``--pretrain-epochs``
   epochs) and ``supervised-bnn`` (the binary network trained with labels, cross-entropy,
   same two stages and epochs, standard crop + flip augmentation);
@@ -54,10 +56,10 @@ from lowbit.train import TrainConfig, Trainer, build_from_checkpoint  # noqa: E4
 from lowbit.utils import write_json  # noqa: E402
 from lowbit.workflow import data_meta, load_splits, transforms_for  # noqa: E402
 
-ROWS = ("fp-encoder", "burn", "fixed-target", "simclr-bnn", "supervised-bnn",
-        "burn-no-feature", "random-bnn")  # fmt: skip
+ROWS = ("fp-encoder", "random-bnn", "burn", "fixed-target", "simclr-bnn", "supervised-bnn",
+        "burn-no-feature", "burn-paper-head")  # fmt: skip
 OBJECTIVE = {"burn": "burn", "fixed-target": "fixed", "simclr-bnn": "simclr",
-             "burn-no-feature": "kl"}  # fmt: skip
+             "burn-no-feature": "kl", "burn-paper-head": "burn"}  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -153,7 +155,7 @@ def main() -> int:
             res.update(epochs=args.pretrain_epochs, train_seconds=_secs(hist),
                        probe_accuracy=p["test_accuracy"], history=hist)  # fmt: skip
         elif row in OBJECTIVE:
-            rc = burn.BURNConfig(objective=OBJECTIVE[row])
+            rc = burn.BURNConfig(objective=OBJECTIVE[row], head_out_bn=row != "burn-paper-head")
             ext = get_teacher()[0] if rc.needs_teacher else None
             student = fresh()
             obj, hist = burn.train_burn(student, images, views, config, rc, ext, rdir,
@@ -242,6 +244,7 @@ def _write(results: dict, args, out: Path) -> None:
         "simclr-bnn": "SimCLR on the binary network directly",
         "supervised-bnn": "supervised binary network (labels; upper bound)",
         "burn-no-feature": "BURN without the feature term (KL only)",
+        "burn-paper-head": "BURN with the paper's heads (no output BatchNorm)",
         "random-bnn": "binary network at random init (floor)",
     }
     for row in ROWS:

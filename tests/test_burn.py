@@ -230,6 +230,23 @@ def test_collapse_stats_and_warning():
     assert ok["collapse"] is False
 
 
+def test_output_batchnorm_keeps_a_nearly_constant_head_spread():
+    torch.manual_seed(0)
+    x = torch.randn(32, 6)
+    for out_bn, expect_high in ((True, True), (False, False)):
+        head = burn.MLPHead(6, 16, 8, out_bn=out_bn).train()
+        last = head.net[3]
+        with torch.no_grad():  # a head drifting to a constant: tiny weights, fixed offset
+            last.weight.mul_(1e-3)
+            if last.bias is not None:
+                last.bias.fill_(1.0)
+        st = collapse_stats(head(x))
+        assert (st["spread"] > 0.9) == expect_high, (out_bn, st)
+    z = burn.MLPHead(6, 16, 8, out_bn=True).train()(x)
+    assert torch.allclose(z.mean(0), torch.zeros(8), atol=1e-5)
+    assert torch.allclose(z.var(0, unbiased=False), torch.ones(8), atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- augmentations
 
 
