@@ -462,60 +462,37 @@ def test_few_label_subset_is_balanced():
 # ----------------------------------------------------------------------------- end to end
 
 
+def _main(argv: list[str]) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+BASE = (
+    "compress --method burn --model resnet20 --model-arg width=0.25 --data sample --epochs 1 "
+    "--limit-train 96 --limit-test 64 --batch-size 32 --json --quiet --method-arg "
+    "probe_epochs=20 --method-arg finetune_steps=2 --method-arg head_hidden=64 "
+    "--method-arg head_dim=32"
+).split()
+
+
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
+    """One tiny CLI compress run (SimCLR teacher pre-trained here), shared by the tests."""
     out = tmp_path_factory.mktemp("burn") / "c"
-    argv = [
-        "compress",
-        "--method",
-        "burn",
-        "--model",
-        "resnet20",
-        "--model-arg",
-        "width=0.25",
-        "--data",
-        "sample",
-        "--epochs",
-        "1",
-        "--limit-train",
-        "96",
-        "--limit-test",
-        "64",
-        "--batch-size",
-        "32",
-        "--out",
-        str(out),
-        "--json",
-        "--quiet",
-        "--method-arg",
-        "probe_epochs=20",
-        "--method-arg",
-        "finetune_steps=2",
-        "--method-arg",
-        "head_hidden=64",
-        "--method-arg",
-        "head_dim=32",
-    ]
-    return argv, out
-
-
-def test_cli_compress_run_and_runtime_reproduce(compressed, capsys):
-    argv, out = compressed
-    code = main(argv)
-    stdout, err = capsys.readouterr()
+    code, stdout, err = _main([*BASE, "--out", str(out)])
     assert code == 0, err
-    res = json.loads(stdout)
-    for k in (
-        "method",
-        "model",
-        "test_accuracy",
-        "fp_test_accuracy",
-        "storage_bytes",
-        "compression_vs_fp32",
-        "energy_vs_fp16",
-        "density",
-        "out",
-    ):
+    return json.loads(stdout), err, out
+
+
+def test_cli_compress_run_and_runtime_reproduce(compressed):
+    res, err, out = compressed
+    for k in ("method", "model", "test_accuracy", "fp_test_accuracy", "storage_bytes",
+              "compression_vs_fp32", "energy_vs_fp16", "density", "out"):  # fmt: skip
         assert res[k] is not None, k
     assert res["method"] == "burn" and res["labels_in_training"] is False
     assert "pre-training the default self-supervised teacher" in err
@@ -525,19 +502,8 @@ def test_cli_compress_run_and_runtime_reproduce(compressed, capsys):
     assert (out / "model.lowbit").is_file() and (out / "pretrain" / "encoder.pt").is_file()
 
     # the packed file: binary encoder + the probe; lowbit run reports the probe's accuracy
-    code = main(
-        [
-            "run",
-            str(out / "model.lowbit"),
-            "--data",
-            "sample",
-            "--limit-test",
-            "64",
-            "--json",
-            "--check",
-        ]
-    )
-    stdout, err = capsys.readouterr()
+    argv = ["run", str(out / "model.lowbit"), "--data", "sample", "--limit-test", "64"]
+    code, stdout, err = _main([*argv, "--json", "--check"])
     assert code == 0, err
     ran = json.loads(stdout)
     assert ran["method"] == "burn" and ran["agreement_with_reference"] == 1.0
@@ -560,36 +526,31 @@ def test_cli_compress_run_and_runtime_reproduce(compressed, capsys):
     assert binl and "conv1" not in binl and "fc" not in binl
 
 
-def test_cli_teacher_from_checkpoint_and_errors(compressed, capsys, tmp_path):
-    argv, out = compressed
-    enc = out / "pretrain" / "encoder.pt"
-    if not enc.exists():
-        pytest.skip("needs the compress run above")
-    base = [a for a in argv if a != str(out)]
-    i = base.index("--out")
-    base.insert(i + 1, str(tmp_path / "t"))
-    base += ["--method-arg", "finetune_fractions=[]", "--from", str(enc)]
-    code = main(base)
-    stdout, err = capsys.readouterr()
+def test_cli_teacher_from_checkpoint_and_errors(compressed, tmp_path):
+    _, _, out = compressed
+    enc = str(out / "pretrain" / "encoder.pt")
+    base = [*BASE, "--out", str(tmp_path / "t"), "--method-arg", "finetune_fractions=[]"]
+    code, stdout, err = _main([*base, "--from", enc])
     assert code == 0, err
     res = json.loads(stdout)
-    assert res["teacher"] == str(enc) and res["pretrain"] is None
+    assert res["teacher"] == enc and res["pretrain"] is None
     assert "pre-training" not in err and res["finetune"] == []
     assert not (tmp_path / "t" / "pretrain").exists()
-    # errors: one JSON line naming the option, no traceback
+    # errors: one JSON object naming the option, no traceback, before any training
     for extra, match in [
         (["--pretrain", "byol"], "pretrain must be one of simclr"),
-        (["--teacher", str(tmp_path / "none.pt")], "teacher"),
+        (["--teacher", str(tmp_path / "none.pt")], "--teacher: checkpoint not found"),
+        (["--teacher", str(out / "model.pt")], "give an FP checkpoint"),
+        (["--teacher", enc, "--from", str(out / "model.pt")], "--from and --teacher"),
+        (["--teacher", enc, "--pretrain", "simclr"], "not both"),
         (["--method-arg", "feature_layer=nope"], "feature_layer 'nope'"),
+        (["--method-arg", "no_such_option=1"], "bad option for method 'burn'"),
+        (["--method-arg", "objective=moco"], "objective must be one of"),
     ]:
-        code = main([a for a in base if a != "--from" and a != str(enc)] + extra)
-        stdout, err = capsys.readouterr()
-        assert code != 0 and "Traceback" not in err
+        code, stdout, err = _main([*base, *extra])
+        assert code != 0 and "Traceback" not in err, extra
         assert match in json.loads(stdout)["error"], stdout
-    # a compressed checkpoint is not a teacher
-    code = main(base[:-2] + ["--teacher", str(out / "model.pt")])
-    stdout, _ = capsys.readouterr()
-    assert code != 0 and "FP checkpoint" in json.loads(stdout)["error"]
+        assert not (tmp_path / "t" / "pretrain").exists(), extra
 
 
 def test_packed_probe_matches_probe_layer(tmp_path):

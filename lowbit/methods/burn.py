@@ -1170,7 +1170,10 @@ def compress_burn(
         if opts.get("teacher") not in (None, str(from_checkpoint)):
             raise ValueError("--from and --teacher name different checkpoints; give one")
         opts["teacher"] = str(from_checkpoint)
-    cfg = BURNConfig(**opts)
+    try:
+        cfg = BURNConfig(**opts)
+    except TypeError as e:  # an unknown option name
+        raise ValueError(f"bad option for method 'burn': {e}") from None
     out = Path(out)
     model_kwargs = dict(model_kwargs or {})
     train_set, test_set = load_splits(data, data_dir, limit_train, limit_test, config.seed)
@@ -1207,6 +1210,16 @@ def compress_burn(
     )
     t_start = time.perf_counter()
 
+    # the student (checked first: the probe goes into its last layer)
+    torch.manual_seed(config.seed)
+    student = models.build(model, num_classes=classes, input_shape=shape, **model_kwargs)
+    last = student.get_submodule(FeatureExtractor(student, None, example).target_name)
+    if not isinstance(last, nn.Linear) or last.bias is None:
+        raise ValueError(
+            f"burn puts its linear probe into the model's last layer, which must be a Linear "
+            f"with a bias; {model}'s last layer is {type(last).__name__}"
+        )
+
     # 1. the FP target encoder
     teacher = None
     teacher_src = None
@@ -1217,13 +1230,14 @@ def compress_burn(
             teacher_src = cfg.teacher
         else:
             pcfg = fp_config or config
-            if cfg.pretrain is None:
-                log(
-                    f"burn: no --teacher given: pre-training the default self-supervised "
-                    f"teacher (SimCLR, {pcfg.epochs} epoch(s), no labels) into {out / 'pretrain'}"
-                )
             torch.manual_seed(pcfg.seed)
             fp_net = models.build(model, num_classes=classes, input_shape=shape, **model_kwargs)
+            teacher = FeatureExtractor(fp_net, cfg.feature_layer, example)  # checks the name
+            why = "no --teacher given: " if cfg.pretrain is None else ""
+            log(
+                f"burn: {why}pre-training the default self-supervised teacher (SimCLR, "
+                f"{pcfg.epochs} epoch(s), no labels) into {out / 'pretrain'}"
+            )
             pmeta = {"model": spec, "data": dmeta, "lowbit_version": __version__}
             pre_hist = pretrain_simclr(
                 fp_net,
@@ -1239,13 +1253,10 @@ def compress_burn(
             fp_net.eval()
             for p in fp_net.parameters():
                 p.requires_grad_(False)
-            teacher = FeatureExtractor(fp_net, cfg.feature_layer, example)
             teacher_src = str(out / "pretrain" / "encoder.pt")
         teacher.to(dev)
 
     # 2. BURN (no labels)
-    torch.manual_seed(config.seed)
-    student = models.build(model, num_classes=classes, input_shape=shape, **model_kwargs)
     meta = {"model": spec, "data": dmeta, "lowbit_version": __version__}
     obj, history = train_burn(
         student, images, views, config, cfg, teacher, out, meta, log, example, resume
