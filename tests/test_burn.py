@@ -106,6 +106,7 @@ def test_gradients_reach_fp_head_and_student_never_fp_encoder(stage1):
     assert float(conv2.weight.grad.abs().sum()) > 0
     assert set(obj.trainable()) == {"student", "head_b", "head_fp"}
     assert 0 <= stats["spread_b"] <= 1 and 0 <= stats["entropy_fp"] <= 1
+    assert 0 < stats["spread_enc"] <= 1
     assert stats["lambda"] == pytest.approx(lambda_at(3, 10))
 
 
@@ -223,7 +224,10 @@ def test_collapse_stats_and_warning():
     with pytest.warns(UserWarning, match="collapsed"):
         check(m)
     assert m["collapse"] and "b spread" in logs[0]
-    ok = {"epoch": 1, "spread_b": 0.6, "entropy_b": 0.5}
+    m = {"epoch": 2, "spread_b": 0.6, "entropy_b": 0.5, "spread_enc": 0.001}
+    with pytest.warns(UserWarning, match="enc spread"):
+        check(m)
+    ok = {"epoch": 1, "spread_b": 0.6, "entropy_b": 0.5, "spread_enc": 0.3}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check(ok)

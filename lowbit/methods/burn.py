@@ -33,8 +33,9 @@ The parts (methods.md, section 4):
   ``sqrt(mean_i ||zh_i - mean zh||^2) = sqrt(1 - ||mean zh||^2)`` (0 when every output is
   the same), and the entropy of the mean softmax (at T) divided by ``log(K)`` (0 when the
   whole batch falls into one pseudo-class). Both are logged per epoch for both
-  heads; a warning is printed when either falls below ``collapse_spread`` /
-  ``collapse_entropy``.
+  heads (``spread_b``, ``entropy_b``, ``spread_fp``, ``entropy_fp``), with the spread of
+  the binary encoder's features (``spread_enc``, what the probe sees); a warning is
+  printed when one falls below ``collapse_spread`` / ``collapse_entropy``.
 
 Evaluation (labels are used only here): a linear probe on the frozen binary encoder
 (``linear_probe``: the features of the un-augmented training images are computed once and
@@ -570,12 +571,15 @@ class BURNObjective(nn.Module):
 
     def loss(self, x1: Tensor, x2: Tensor, i: int, total: int):
         cfg = self.cfg
-        zb1 = self.head_b(self.student(x1))
-        zb2 = self.head_b(self.student(x2))
+        h1, h2 = self.student(x1), self.student(x2)
+        zb1, zb2 = self.head_b(h1), self.head_b(h2)
+        # the encoder's own spread: what the probe sees (the heads' spread says little when
+        # their outputs are batch-normalized)
+        enc = {"spread_enc": collapse_stats(torch.cat([h1, h2]))["spread"]}
         if cfg.objective == "simclr":
             loss = nt_xent(zb1, zb2, cfg.pretrain_temperature)
             st = collapse_stats(torch.cat([zb1, zb2]), cfg.temperature)
-            return loss, {"spread_b": st["spread"], "entropy_b": st["entropy"]}
+            return loss, {"spread_b": st["spread"], "entropy_b": st["entropy"], **enc}
         with torch.no_grad():
             f1, f2 = self.teacher(x1), self.teacher(x2)
         zf1, zf2 = self.head_fp(f1), self.head_fp(f2)
@@ -592,6 +596,7 @@ class BURNObjective(nn.Module):
             "entropy_b": sb["entropy"],
             "spread_fp": sf["spread"],
             "entropy_fp": sf["entropy"],
+            **enc,
         }
 
 
@@ -797,7 +802,7 @@ def train_two_view(
 def _collapse_warning(cfg: BURNConfig, name: str, log: Callable[[str], None]):
     def check(m: dict[str, Any]) -> None:
         bad = []
-        for side in ("b", "fp"):
+        for side in ("b", "fp", "enc"):
             s, e = m.get(f"spread_{side}"), m.get(f"entropy_{side}")
             if s is not None and s < cfg.collapse_spread:
                 bad.append(f"{side} spread {s:.3g} < {cfg.collapse_spread}")
