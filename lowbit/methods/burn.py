@@ -52,20 +52,23 @@ Choices the paper leaves open, or that this machine forces (all options of ``BUR
 
 - Self-supervised pretraining of the default target is **SimCLR** (NT-Xent, temperature
   0.5, a 2-layer projection head): it has no momentum encoder or queue to keep and resume,
-  its negatives make a collapsed teacher impossible (BURN's own loss has a collapse mode,
-  so its target must not have one), and it trains at the batch sizes a CPU affords.
-  BYOL would need a predictor and an EMA network; MoCo a queue and an EMA network.
+  its negatives push the outputs apart, so the all-equal solution is not a minimum (BURN's
+  own loss has that collapse mode, so its target should not), and it trains at the batch
+  sizes a CPU affords. BYOL would need a predictor and an EMA network; MoCo a queue and an
+  EMA network.
 - Collapse remedy (``head_out_bn = True``, not in the paper): both heads end in a
   BatchNorm without affine parameters, so every output unit has zero mean and unit
   variance over the batch (while its input varies by more than BatchNorm's eps): a
   batch-constant output, the collapsed minimum of the loss, is out of reach, and the loss
   does not depend on the scale of the last linear layer, so nothing pulls it to zero
-  (there is no weight decay). Without it the jointly trained FP head and the student drift to that
-  minimum at CPU budgets: ResNet-20 (width 0.5), 1,024 images of the built-in sample,
-  batch 64, 2 epochs per stage, Adam 1e-3, the same SimCLR teacher: the student head's
-  batch spread fell 0.38, 0.15, 0.10, 0.061 over the four epochs and the feature term to
-  0.007 (linear probe 29.4%); with the output BatchNorm the spread stayed at 0.996 to
-  0.976 (probe 29.8%). ``head_out_bn = False`` gives the paper's heads.
+  (there is no weight decay). Without it the jointly trained FP head and the student
+  drift to that minimum at CPU budgets. Measured with ``lowbit compress --method burn
+  --model resnet20 --model-arg width=0.5 --data sample --limit-train 1024 --limit-test
+  1000 --epochs 2 --batch-size 64`` (both runs with the same SimCLR teacher): with the
+  paper's heads the student head's batch spread fell 0.38, 0.15, 0.10, 0.061 over the four
+  epochs and the feature term to 0.007 (linear probe 29.4%); with the output BatchNorm
+  the spread stayed between 0.996 and 0.976 (probe 29.8%). ``head_out_bn = False`` gives
+  the paper's heads.
 - Head sizes: the paper's 2000 -> 2000 heads are for 2048/1024-d ImageNet features; for
   the 64-d features of a CIFAR ResNet-20 the default is ``head_hidden = head_dim = 512``.
 - Augmentations: BYOL's (random resized crop, flip, colour jitter 0.4/0.4/0.2/0.1 with
