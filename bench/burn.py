@@ -234,8 +234,8 @@ def _write(results: dict, args, out: Path) -> None:
         f"epoch(s) each, batch {s['batch_size']}, Adam lr {s['lr']}; FP target: SimCLR, "
         f"{s['pretrain_epochs']} epoch(s).",
         "",
-        "| row | training | linear probe | train s |",
-        "|---|---|---|---|",
+        "| row | training | epochs | linear probe | train s |",
+        "|---|---|---|---|---|",
     ]
     what = {
         "fp-encoder": "FP ResNet-20, SimCLR (upper bound; the BURN target)",
@@ -250,15 +250,30 @@ def _write(results: dict, args, out: Path) -> None:
     for row in ROWS:
         r = results["rows"].get(row)
         if r is None:
-            lines.append(f"| {row} | {what[row]} | not run | |")
+            lines.append(f"| {row} | {what[row]} | | not run | |")
             continue
+        if row == "fp-encoder":
+            ep = f"{r['epochs']} (SimCLR)"
+        elif row == "random-bnn":
+            ep = "0"
+        else:
+            ep = f"{r['stages']} x {r['epochs_per_stage']}"
         extra = ""
         if "supervised_test_accuracy" in r:
             extra = f" (its own classifier: {100 * r['supervised_test_accuracy']:.2f}%)"
         if r.get("collapse_epochs"):
             extra += f" (collapse warned in {r['collapse_epochs']} epoch(s))"
-        lines.append(f"| {row} | {what[row]} | {100 * r['probe_accuracy']:.2f}%{extra} | "
+        lines.append(f"| {row} | {what[row]} | {ep} | {100 * r['probe_accuracy']:.2f}%{extra} | "
                      f"{r.get('train_seconds', 0):.0f} |")  # fmt: skip
+    rows = results["rows"]
+    if all(k in rows for k in ("burn", "simclr-bnn", "fixed-target")):
+        b, s2, s3 = (
+            100 * rows[k]["probe_accuracy"] for k in ("burn", "simclr-bnn", "fixed-target")
+        )
+        verdict = "beats both" if b > max(s2, s3) else "does NOT beat both"
+        lines += ["", f"At this budget BURN ({b:.2f}%) {verdict} baselines: {b - s2:+.2f} points "
+                  f"against SimCLR on the binary network ({s2:.2f}%), {b - s3:+.2f} against "
+                  f"distillation from a fixed target ({s3:.2f}%)."]  # fmt: skip
     lines += ["", "Numbers are from one seed; see burn.json for per-epoch histories "
               "(loss, lambda, feature/KL terms, collapse signals).", ""]  # fmt: skip
     (out / "burn.md").write_text("\n".join(lines))
