@@ -41,7 +41,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -58,6 +58,7 @@ from lowbit.workflow import data_meta, load_splits, transforms_for  # noqa: E402
 
 ROWS = ("fp-encoder", "random-bnn", "burn", "fixed-target", "simclr-bnn", "supervised-bnn",
         "burn-no-feature", "burn-paper-head")  # fmt: skip
+SEEDED = ("burn", "fixed-target", "simclr-bnn")  # the rows --extra-seeds repeats
 OBJECTIVE = {"burn": "burn", "fixed-target": "fixed", "simclr-bnn": "simclr",
              "burn-no-feature": "kl", "burn-paper-head": "burn"}  # fmt: skip
 
@@ -75,7 +76,13 @@ def main() -> int:
     ap.add_argument("--pretrain-epochs", type=int, default=4, help="SimCLR epochs of the FP target")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="data subset, FP target, first seed")
+    ap.add_argument(
+        "--extra-seeds",
+        default="",
+        help="e.g. 1,2: repeat burn, fixed-target and "
+        "simclr-bnn with these seeds (initial weights, order, augmentation, probe)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of rows")
     ap.add_argument("--runs-dir", default=str(HERE / "runs" / "burn"))
@@ -85,6 +92,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
+    extra = [int(v) for v in args.extra_seeds.split(",") if v.strip()]
+    rows += [f"{r}-s{sd}" for sd in extra for r in SEEDED]
     if bad:
         ap.error(f"unknown row(s) {bad}; valid: {', '.join(ROWS)}")
     runs = Path(args.runs_dir)
@@ -108,13 +117,13 @@ def main() -> int:
     spec = {"name": args.model, "kwargs": {}, "num_classes": classes, "input_shape": list(shape)}
     meta = {"model": spec, "data": dmeta}
 
-    def fresh():
-        torch.manual_seed(args.seed)  # the same initial weights for every binary run
+    def fresh(seed=args.seed):
+        torch.manual_seed(seed)  # the same initial weights for every binary run of a seed
         return models.build(args.model, num_classes=classes, input_shape=shape)
 
-    def probe(ext, layer=None):
+    def probe(ext, layer=None, seed=args.seed):
         return burn.linear_probe(ext, images, labels, test_images, test_labels, test_tf,
-                                 classes, cfg, args.seed, layer=layer)  # fmt: skip
+                                 classes, cfg, seed, layer=layer)  # fmt: skip
 
     # the FP target: SimCLR on the training subset, no labels (shared by the teacher rows)
     teacher = None
@@ -148,19 +157,22 @@ def main() -> int:
             continue
         log(f"{row}: start")
         t0 = time.perf_counter()
-        res: dict = {"row": row, "seed": args.seed}
+        base, _, sd = row.partition("-s")
+        seed = int(sd) if sd.isdigit() else args.seed
+        base = base if sd.isdigit() else row
+        res: dict = {"row": row, "seed": seed}
         if row == "fp-encoder":
             ext, hist, _ = get_teacher()
             p = probe(ext)
             res.update(epochs=args.pretrain_epochs, train_seconds=_secs(hist),
                        probe_accuracy=p["test_accuracy"], history=hist)  # fmt: skip
-        elif row in OBJECTIVE:
-            rc = burn.BURNConfig(objective=OBJECTIVE[row], head_out_bn=row != "burn-paper-head")
+        elif base in OBJECTIVE:
+            rc = burn.BURNConfig(objective=OBJECTIVE[base], head_out_bn=base != "burn-paper-head")
             ext = get_teacher()[0] if rc.needs_teacher else None
-            student = fresh()
-            obj, hist = burn.train_burn(student, images, views, config, rc, ext, rdir,
-                                        meta, log, example)  # fmt: skip
-            p = probe(obj.student, student.get_submodule(obj.student.target_name))
+            student = fresh(seed)
+            obj, hist = burn.train_burn(student, images, views, replace(config, seed=seed), rc,
+                                        ext, rdir, meta, log, example)  # fmt: skip
+            p = probe(obj.student, student.get_submodule(obj.student.target_name), seed)
             res.update(epochs_per_stage=args.epochs, stages=2, train_seconds=_secs(hist),
                        probe_accuracy=p["test_accuracy"], probe_fp_accuracy=p["probe_fp_accuracy"],
                        collapse_epochs=sum(bool(h.get("collapse")) for h in hist),
@@ -247,10 +259,15 @@ def _write(results: dict, args, out: Path) -> None:
         "burn-paper-head": "BURN with the paper's heads (no output BatchNorm)",
         "random-bnn": "binary network at random init (floor)",
     }
-    for row in ROWS:
+    order = list(ROWS) + sorted(k for k in results["rows"] if k not in ROWS)
+    for row in order:
         r = results["rows"].get(row)
+        base, _, sd = row.partition("-s")
+        if not sd.isdigit():
+            base = row
+        label = what[base] + (f", seed {sd}" if sd.isdigit() else "")
         if r is None:
-            lines.append(f"| {row} | {what[row]} | | not run | |")
+            lines.append(f"| {row} | {label} | | not run | |")
             continue
         if row == "fp-encoder":
             ep = f"{r['epochs']} (SimCLR)"
@@ -263,18 +280,28 @@ def _write(results: dict, args, out: Path) -> None:
             extra = f" (its own classifier: {100 * r['supervised_test_accuracy']:.2f}%)"
         if r.get("collapse_epochs"):
             extra += f" (collapse warned in {r['collapse_epochs']} epoch(s))"
-        lines.append(f"| {row} | {what[row]} | {ep} | {100 * r['probe_accuracy']:.2f}%{extra} | "
+        lines.append(f"| {row} | {label} | {ep} | {100 * r['probe_accuracy']:.2f}%{extra} | "
                      f"{r.get('train_seconds', 0):.0f} |")  # fmt: skip
     rows = results["rows"]
+
+    def mean(base):  # over the seeds run
+        v = [
+            100 * r["probe_accuracy"]
+            for k, r in rows.items()
+            if k == base or (k.startswith(base + "-s") and k[len(base) + 2 :].isdigit())
+        ]
+        return sum(v) / len(v), len(v)
+
     if all(k in rows for k in ("burn", "simclr-bnn", "fixed-target")):
-        b, s2, s3 = (
-            100 * rows[k]["probe_accuracy"] for k in ("burn", "simclr-bnn", "fixed-target")
-        )
+        (b, n), (s2, _), (s3, _) = (mean(k) for k in ("burn", "simclr-bnn", "fixed-target"))
+        over = f" (means over {n} seeds of each)" if n > 1 else ""
         verdict = "beats both" if b > max(s2, s3) else "does NOT beat both"
-        lines += ["", f"At this budget BURN ({b:.2f}%) {verdict} baselines: {b - s2:+.2f} points "
-                  f"against SimCLR on the binary network ({s2:.2f}%), {b - s3:+.2f} against "
-                  f"distillation from a fixed target ({s3:.2f}%)."]  # fmt: skip
-    lines += ["", "Numbers are from one seed; see burn.json for per-epoch histories "
+        lines += ["", f"At this budget{over} BURN ({b:.2f}%) {verdict} baselines: "
+                  f"{b - s2:+.2f} points against SimCLR on the binary network ({s2:.2f}%), "
+                  f"{b - s3:+.2f} against distillation from a fixed target "
+                  f"({s3:.2f}%)."]  # fmt: skip
+    lines += ["", "Rows ending in -sN repeat a row with training seed N (same data subset and FP "
+              "target); see burn.json for per-epoch histories "
               "(loss, lambda, feature/KL terms, collapse signals).", ""]  # fmt: skip
     (out / "burn.md").write_text("\n".join(lines))
 
