@@ -309,7 +309,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if qat_config.lr is None:  # fine-tuning from an FP model: a smaller step than training
         qat_config = replace(qat_config, lr=0.01 if qat_config.optimizer == "sgd" else 1e-4)
     options = _parse_kv(args.method_arg, "--method-arg")
-    for flag in ("density", "teacher", "pretrain"):  # method options with their own flags
+    for flag in ("density", "n", "k", "teacher", "pretrain"):  # options with their own flags
         if getattr(args, flag, None) is not None:
             options[flag] = getattr(args, flag)
     result = compress_model(
@@ -378,7 +378,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = compare(args.model_file, threads=args.threads or 1, batch=args.batch,
                      repeats=args.repeats, onnx=not args.no_onnx,
-                     per_layer=args.per_layer)  # fmt: skip
+                     per_layer=args.per_layer, sst_kernel=args.sst_kernel)  # fmt: skip
     _emit(args, result, format_result(result))
     return 0
 
@@ -487,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--density", type=float, help="target fraction of non-zero weights (sbnn; default 0.05)"
     )
+    p.add_argument("--n", type=int, help="SST group size (sst; default 8)")
+    p.add_argument("--k", type=int, help="SST non-zeros allowed per group (sst; default 2)")
     p.add_argument(
         "--teacher",
         metavar="CKPT",
@@ -542,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=30, help="timed runs (default 30)")
     p.add_argument("--per-layer", action="store_true", help="add a per-layer profile")
     p.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    p.add_argument("--sst-kernel", choices=["gemm", "lut"], default="gemm",
+                   help="SST layers: int8 GEMM (default) or look-up tables")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--threads", type=_positive_int, default=1, help="threads (default 1)")
     p.set_defaults(func=cmd_bench)

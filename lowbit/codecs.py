@@ -227,6 +227,15 @@ class WeightCodec(Codec):
     def weight_bits(self) -> float:
         return float(self.bits_per_weight)
 
+    def code_bits(self, w_shape: tuple[int, ...]) -> float:
+        """Bits the codes of a weight of shape ``w_shape`` take in the file (exact)."""
+        return math.prod(w_shape) * self.weight_bits()
+
+    def file_packing(self) -> dict[str, Any] | None:
+        """How the file packs this codec's codes (``lowbit.fileformat``); None: decided
+        by the file writer from the codec type."""
+        return None
+
     def scale_count(self, w_shape: tuple[int, ...]) -> int:
         """How many float scalars ``encode`` stores besides the codes (for storage)."""
         return 0

@@ -179,7 +179,7 @@ def analyze(
         quantized = isinstance(m, QuantConv2d | QuantLinear) and not isinstance(wc, Float)
         bn = folded_bn.get(name, 0)
         # storage: codes + scales + bias (+ BN folded into per-channel scale and bias)
-        bits = numel * wc.weight_bits()
+        bits = wc.code_bits(tuple(m.weight.shape))
         if quantized:
             scales = wc.scale_count(tuple(m.weight.shape))
             if bn and scales < out_ch and not isinstance(wc, Binary):
@@ -250,6 +250,7 @@ def _analyze_frozen(frozen, convention: str) -> dict[str, Any]:
     """The cost table of a frozen model (or a packed file): storage is what the packed
     file stores (codes at their packing, every other tensor at its dtype)."""
     from .codecs import codec_from_dict
+    from .packfile import code_bytes
 
     layers: list[LayerCost] = []
     other_bits = 0.0
@@ -267,8 +268,8 @@ def _analyze_frozen(frozen, convention: str) -> dict[str, Any]:
         per_weight = oshape[1] * oshape[2] if op.kind == "conv" else 1
         bits = 0.0
         for name, t in op.tensors.items():
-            if name == "codes":
-                bits += numel * _stored_bits(wc)
+            if name == "codes":  # exactly as the file packs them (empty filters left out)
+                bits += 8.0 * code_bytes(a["weight_codec"], codes)
             else:
                 bits += 8.0 * t.numel() * t.element_size()
         layers.append(_layer_cost(
@@ -280,13 +281,6 @@ def _analyze_frozen(frozen, convention: str) -> dict[str, Any]:
     n_params = int(frozen.meta.get("fp_params") or sum(layer.params for layer in layers))
     return _report(layers, n_params, weights, other_bits, frozen.meta.get("input_shape"),
                    convention)  # fmt: skip
-
-
-def _stored_bits(wc) -> float:
-    """Bits per code in the packed file (fp16 and fp32 weights as such)."""
-    if isinstance(wc, Float):
-        return float(wc.bits)
-    return wc.weight_bits()
 
 
 def _kind_of(op) -> str:

@@ -95,6 +95,8 @@ DEMO_ROWS: list[tuple[str, Callable[[Path, int, int, bool], dict[str, Any]]]] = 
     ("prom", _method_row("prom", "mobilenet_tiny")),
     # SBNN trains with Adam (its paper's optimizer), density target 5%
     ("sbnn", _method_row("sbnn", "lenet5", qat=_ADAM, density=0.05)),
+    # SST(8, 2) on the paper's fully connected net: 1 bit per weight, additions only
+    ("sst", _method_row("sst", "lenet300", n=8, k=2)),
     # BURN: label-free; test accuracy = linear probe, FP acc = the FP target's probe
     ("burn", _burn_row),
 ]

@@ -18,7 +18,14 @@ Packing of weight codes (``kind``):
   little-endian in a byte stream: element ``i`` occupies bits ``[i*bits, (i+1)*bits)``
   counted from the least significant bit of byte 0 (``step`` 2 stores {-1, +1} in 1 bit);
 - ``base3``: ternary trits ``t = c + 1``, five per byte, ``t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4``;
+- ``sst``: structured sparse ternary codes (``lowbit.sstcode``): each row (dim 0, one
+  output unit) flattened in C order, cut into groups of ``n`` (the last one zero-padded),
+  each group stored as its codebook index in ``bits`` bits (as ``bits`` packing, ``lo`` 0);
 - ``raw`` / ``float16``: the array as is (int8 codes, float weights) or as float16.
+
+``row_mask: true`` (bit-packed kinds): the all-zero rows (output channels whose weights
+are all zero, e.g. the empty filters of a sparse binary layer) are not stored; a bit mask
+of the rows kept comes first (``ceil(rows / 8)`` bytes), then the kept rows' codes.
 
 Reading is defensive: every malformed file (truncated, no marker, bad JSON, sizes that
 do not add up, absurd shapes, a wrong checksum, an unknown version) raises
@@ -38,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from . import sstcode
 from .errors import FormatError
 from .utils import atomic_write
 
@@ -118,9 +126,18 @@ def unpack_base3(packed: np.ndarray, count: int) -> np.ndarray:
     return t.reshape(-1)[:count] - 1
 
 
-def packed_nbytes(spec: dict[str, Any], count: int) -> int:
-    """Bytes a packed tensor of ``count`` codes takes."""
+def _sst_groups(spec: dict[str, Any], shape) -> int:
+    """How many SST group indices a tensor of ``shape`` stores."""
+    rows = int(shape[0]) if len(shape) else 1
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return rows * sstcode.groups_per_row(fan_in, int(spec["n"]))
+
+
+def packed_nbytes(spec: dict[str, Any], count: int, shape=None) -> int:
+    """Bytes a packed tensor of ``count`` codes (of ``shape``, for ``sst``) takes."""
     kind = spec["kind"]
+    if kind == "sst":
+        return -(-_sst_groups(spec, shape) * int(spec["bits"]) // 8)
     if kind == "bits":
         return -(-count * int(spec["bits"]) // 8)
     if kind == "base3":
@@ -128,12 +145,34 @@ def packed_nbytes(spec: dict[str, Any], count: int) -> int:
     raise FormatError(f"packing {kind!r} has no fixed size")
 
 
+#: packings that may drop all-zero rows (``row_mask``)
+ROW_MASK_KINDS = ("bits", "base3", "sst")
+
+
 def pack(codes: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Pack ``codes`` as ``spec`` says. With ``spec["row_mask"]`` (bit-packed kinds only)
+    the rows (dim 0) that are all zero are left out: a bit mask of the rows kept
+    (``ceil(rows / 8)`` bytes, bit ``r % 8`` of byte ``r // 8``) precedes the packed codes
+    of the kept rows."""
+    if spec.get("row_mask"):
+        if spec["kind"] not in ROW_MASK_KINDS:
+            raise ValueError(f"packing {spec['kind']!r} cannot drop rows")
+        codes = np.asarray(codes)
+        live = codes.reshape(codes.shape[0], -1).any(1)
+        mask = np.packbits(live, bitorder="little")
+        inner = pack(codes[live], {**spec, "row_mask": False})
+        return np.concatenate([mask, inner]).astype(np.uint8)
     kind = spec["kind"]
     if kind == "bits":
         return pack_bits(codes, spec["lo"], spec["bits"], spec.get("step", 1))
     if kind == "base3":
         return pack_base3(codes)
+    if kind == "sst":
+        codes = np.asarray(codes)
+        if codes.ndim < 2:
+            codes = codes.reshape(codes.shape[0] if codes.ndim else 1, -1)
+        index = sstcode.encode_groups(codes, spec["n"], spec["k"])
+        return pack_bits(index, 0, spec["bits"])
     if kind == "float16":
         return np.asarray(codes).astype(np.float16)
     if kind == "raw":
@@ -337,8 +376,24 @@ def _unpack(path, name: str, a: np.ndarray, spec: dict | None) -> np.ndarray:
         return a
     if not isinstance(spec, dict):
         raise _fail(path, f"tensor {name}: bad packing entry")
-    kind = spec.get("kind")
     shape = _shape(path, name, spec.get("shape"))
+    if not spec.get("row_mask"):
+        return _unpack_plain(path, name, a, spec, shape)
+    if spec.get("kind") not in ROW_MASK_KINDS or not shape or a.dtype != np.uint8:
+        raise _fail(path, f"tensor {name}: a row mask needs bit-packed codes")
+    rows = shape[0]
+    mb = -(-rows // 8)
+    if a.size < mb:
+        raise _fail(path, f"tensor {name}: {a.size} bytes do not hold a mask of {rows} rows")
+    live = np.unpackbits(a[:mb], count=rows, bitorder="little").astype(bool)
+    inner = _unpack_plain(path, name, a[mb:], spec, (int(live.sum()), *shape[1:]))
+    out = np.zeros(shape, inner.dtype)
+    out[live] = inner
+    return out
+
+
+def _unpack_plain(path, name: str, a: np.ndarray, spec: dict, shape) -> np.ndarray:
+    kind = spec.get("kind")
     count = math.prod(shape)
     dtype_name = spec.get("dtype", "int8")
     if not isinstance(dtype_name, str) or dtype_name not in _CODE_DTYPES:
@@ -360,6 +415,26 @@ def _unpack(path, name: str, a: np.ndarray, spec: dict | None) -> np.ndarray:
         try:
             codes = unpack_base3(a, count)
         except FormatError as e:
+            raise _fail(path, f"tensor {name}: {e}") from None
+    elif kind == "sst":
+        n, k, bits = spec.get("n"), spec.get("k"), spec.get("bits")
+        try:
+            sstcode.check_nk(n, k)
+        except ValueError as e:
+            raise _fail(path, f"tensor {name}: bad SST packing ({e})") from None
+        if bits != sstcode.index_bits(n, k) or isinstance(bits, bool):
+            raise _fail(path, f"tensor {name}: SST({n}, {k}) indices take "
+                              f"{sstcode.index_bits(n, k)} bits, not {bits!r}")  # fmt: skip
+        ngroups = _sst_groups(spec, shape)
+        if a.dtype != np.uint8 or a.size != packed_nbytes(spec, count, shape):
+            raise _fail(path, f"tensor {name}: {a.size} packed bytes do not hold {ngroups} "
+                              f"SST groups of {bits} bits")  # fmt: skip
+        rows = shape[0] if len(shape) else 1
+        per_row = sstcode.groups_per_row(math.prod(shape[1:]), n)
+        index = unpack_bits(a, ngroups, 0, bits).reshape(rows, per_row)
+        try:
+            codes = sstcode.decode_groups(index, n, k, math.prod(shape[1:]))
+        except ValueError as e:
             raise _fail(path, f"tensor {name}: {e}") from None
     elif kind in ("raw", "float16"):
         if a.size != count:

@@ -18,16 +18,40 @@ import torch
 from . import __version__
 from .codecs import Binary, FixedPoint, Float, Int, Ternary, codec_from_dict
 from .errors import FormatError
-from .fileformat import pack, read, write
+from .fileformat import ROW_MASK_KINDS, pack, read, write
 from .freeze import FrozenModel
 
 __all__ = ["FormatError", "load_frozen", "save"]
 
 
 def _packing_for(codec_dict: dict, codes: torch.Tensor) -> dict[str, Any]:
-    """How a layer's codes are stored, from its weight codec (falls back to the codes'
-    own range)."""
+    """How a layer's codes are stored: the codec's packing, leaving out all-zero rows
+    (empty filters) where that saves bytes."""
+    spec = _codec_packing(codec_dict, codes)
+    if spec["kind"] in ROW_MASK_KINDS and codes.ndim >= 1 and codes.shape[0]:
+        rows = codes.shape[0]
+        dead = int((~codes.reshape(rows, -1).any(1)).sum())
+        per_row = packed_nbytes_of(spec, codes) / rows
+        if dead * per_row > -(-rows // 8):  # the rows saved outweigh the mask
+            spec["row_mask"] = True
+    return spec
+
+
+def packed_nbytes_of(spec: dict[str, Any], codes: torch.Tensor) -> int:
+    """Bytes ``codes`` take under ``spec`` (exactly what ``save`` writes)."""
+    return int(pack(codes.numpy(), spec).nbytes)
+
+
+def code_bytes(codec_dict: dict, codes: torch.Tensor) -> int:
+    """Bytes a layer's codes take in the file (the cost model's storage of the codes)."""
+    return packed_nbytes_of(_packing_for(codec_dict, codes), codes)
+
+
+def _codec_packing(codec_dict: dict, codes: torch.Tensor) -> dict[str, Any]:
     codec = codec_from_dict(codec_dict)
+    own = codec.file_packing()
+    if own is not None:
+        return dict(own)
     lo_c, hi_c = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
     if isinstance(codec, Ternary):
         if codec.packing == "base3":

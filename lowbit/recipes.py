@@ -10,6 +10,7 @@ wins. A rule selects layers by kind, in execution order on an example input:
 - ``conv``: every other convolution;
 - ``linear``: Linear layers;
 
+or several kinds joined by ``+`` (``first+conv``: the first layer, if it is a convolution),
 or by name, with ``name = "glob"`` (``fnmatch`` on the module's qualified name).
 
 TOML (or YAML) form::
@@ -59,14 +60,16 @@ class Rule:
     activations: ActCodec
     select: str | None = None
     name: str | None = None
-    optional: bool = False  # True: matching no layer is a warning, not an error
+    # True: matching no layer is a warning, not an error; "silent": not even a warning
+    optional: bool | str = False
 
     def __post_init__(self):
         if (self.select is None) == (self.name is None):
             raise ValueError("a recipe rule needs exactly one of 'select' or 'name'")
-        if self.select is not None and self.select not in SELECTORS:
+        if self.select is not None and not set(self.select.split("+")) <= set(SELECTORS):
             raise ValueError(
                 f"unknown selector {self.select!r} in a recipe rule; valid: {', '.join(SELECTORS)}"
+                " (join kinds with '+' for layers of all of them, e.g. 'first+conv')"
             )
         object.__setattr__(self, "weights", weight_codec(self.weights))
         object.__setattr__(self, "activations", act_codec(self.activations))
@@ -77,14 +80,14 @@ class Rule:
     def matches(self, name: str, kinds: set[str]) -> bool:
         if self.name is not None:
             return fnmatch.fnmatchcase(name, self.name)
-        return self.select == "all" or self.select in kinds
+        return self.select == "all" or set(self.select.split("+")) <= kinds
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"select": self.select} if self.select else {"name": self.name}
         d["weights"] = self.weights.to_dict()
         d["activations"] = self.activations.to_dict()
         if self.optional:
-            d["optional"] = True
+            d["optional"] = self.optional
         return d
 
     @classmethod
@@ -103,7 +106,7 @@ class Rule:
             activations=_codec(d["activations"], act_codec),
             select=d.get("select"),
             name=d.get("name"),
-            optional=bool(d.get("optional", False)),
+            optional="silent" if d.get("optional") == "silent" else bool(d.get("optional")),
         )
 
 
@@ -122,6 +125,10 @@ class Recipe:
     options: dict[str, Any] = field(default_factory=dict)
     # callables that build the method's TrainHooks for a compressed model (not serialized)
     hook_factories: list[Callable[[nn.Module], Any]] = field(default_factory=list, repr=False)
+    # model edits ``compress_`` makes before swapping layers, ``fn(model, example_input)``
+    # (e.g. SST adds BatchNorm after layers without one); rebuilt from the method's
+    # options like the hooks, so a checkpoint's model is rebuilt the same way
+    prepare: list[Callable[[nn.Module, Any], None]] = field(default_factory=list, repr=False)
 
     def hooks(self, model: nn.Module) -> list:
         return [f(model) for f in self.hook_factories]
@@ -155,7 +162,7 @@ class Recipe:
         _load_methods()
         if method in METHODS:  # the method's own hooks and validated options
             base = METHODS[method](**options)
-            return cls(method, rules, base.options, base.hook_factories)
+            return cls(method, rules, base.options, base.hook_factories, base.prepare)
         return cls(method, rules, options)
 
     @classmethod
@@ -209,7 +216,8 @@ class Recipe:
                 )
                 if not rule.optional:
                     raise ValueError(msg)
-                warnings.warn(msg, stacklevel=3)
+                if rule.optional != "silent":
+                    warnings.warn(msg, stacklevel=3)
         return chosen
 
 
@@ -282,6 +290,8 @@ def compress_(
         recipe = make_recipe(recipe, **options)
     elif options:
         raise ValueError("options go with a method name, not with a Recipe object")
+    for fn in recipe.prepare:
+        fn(model, example_input)
     chosen = recipe.assign(model, example_input)
     for name, rule in chosen.items():
         parent, attr = _parent(model, name)
@@ -330,7 +340,7 @@ def make_recipe(method: str, **options) -> Recipe:
 
 def _load_methods() -> None:
     """Import the built-in methods (each registers its recipe and any codecs of its own)."""
-    from .methods import burn, prom, sbnn  # noqa: F401
+    from .methods import burn, prom, sbnn, sst  # noqa: F401
 
 
 recipe = make_recipe

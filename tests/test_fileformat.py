@@ -257,3 +257,61 @@ def test_unpacked_codes_match(saved):
     f = read(path)
     for key, t in frozen.tensors().items():
         assert np.array_equal(f.tensors[key], t.numpy()), key
+
+
+# ----------------------------------------------------------------------------- empty rows
+
+
+@pytest.mark.parametrize(
+    "spec,values",
+    [
+        ({"kind": "bits", "bits": 1, "lo": 0}, (0, 1)),
+        ({"kind": "bits", "bits": 2, "lo": -1}, (-1, 0, 1)),
+        ({"kind": "base3"}, (-1, 0, 1)),
+        ({"kind": "sst", "n": 4, "k": 1, "bits": 4}, None),
+    ],
+)
+def test_row_mask_round_trip(spec, values, tmp_path):
+    from lowbit.fileformat import pack, write
+
+    rng = np.random.default_rng(0)
+    for rows, dead in [(11, [0, 3, 10]), (8, list(range(8))), (5, [])]:
+        if values is None:  # one +-1 per group of 4
+            codes = np.zeros((rows, 3, 3), np.int8)
+            flat = codes.reshape(rows, -1)
+            for r in range(rows):
+                for g in range(0, 9, 4):
+                    flat[r, g] = rng.choice([-1, 1])
+        else:
+            codes = rng.choice(values, (rows, 3, 3)).astype(np.int8)
+            codes[:, 0, 0] = values[-1]  # no row empty by chance
+        codes[dead] = 0
+        full = {**spec, "shape": list(codes.shape), "dtype": "int8"}
+        masked = {**full, "row_mask": True}
+        packed = pack(codes, masked)
+        assert packed.nbytes == -(-rows // 8) + pack(codes[[r not in dead for r in range(rows)]],
+                                                     full).nbytes  # fmt: skip
+        p = tmp_path / f"m{rows}.lowbit"
+        write(p, {"w/codes": packed}, {"ops": []}, {}, {"w/codes": masked})
+        back = read(p).tensors["w/codes"]
+        assert back.shape == codes.shape and np.array_equal(back, codes)
+
+
+def test_empty_filters_are_not_stored():
+    """A binary {0, 1} layer with empty filters: the file leaves them out, and the cost
+    model's storage is the payload."""
+    net, _ = _tiny_frozen()
+    with torch.no_grad():
+        net.c3.weight[:4] = -1.0  # {0, beta}: weights <= 0 are 0 -> 4 empty filters
+    frozen = freeze(net)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        info = save(frozen, Path(d) / "e.lowbit")
+        f = read(Path(d) / "e.lowbit")
+        assert f.packing["c3/codes"].get("row_mask") is True
+        back = load_frozen(Path(d) / "e.lowbit")
+    x = torch.randn(4, 2, 8, 8)
+    assert torch.equal(back(x), frozen(x))
+    assert info["payload_bytes"] == analyze(frozen)["totals"]["storage_bytes"]

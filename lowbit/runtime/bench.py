@@ -264,6 +264,7 @@ def compare(
     torch_fp32: bool = True,
     per_layer: bool = False,
     warmup: int = 3,
+    sst_kernel: str = "gemm",
 ) -> dict[str, Any]:
     """Time the Engine, PyTorch fp32 eager and ONNX Runtime fp32/int8 on ``path``.
 
@@ -274,11 +275,12 @@ def compare(
     ``repeats``, ``agreement_top1_vs_fp32`` (top-1 agreement of the Engine with the fp32
     peer on the random batch), ``alone_ms`` (each runtime timed alone, back to back, after
     the interleaved rounds: warm caches) and, with ``per_layer``, ``per_layer``
-    (``Engine.profile``). The ``*_ms`` fields are the interleaved medians."""
+    (``Engine.profile``). The ``*_ms`` fields are the interleaved medians. ``sst_kernel``:
+    see ``lowbit.runtime.load``."""
     threads, batch, repeats = int(threads), int(batch), max(1, int(repeats))
     if threads < 1 or batch < 1:
         raise ValueError("threads and batch must be >= 1")
-    engine = load(path, threads=threads)
+    engine = load(path, threads=threads, sst_kernel=sst_kernel)
     if engine.input_shape is None:
         raise ValueError(f"{path}: the file records no input shape")
     shape = (batch, *engine.input_shape)

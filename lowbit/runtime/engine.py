@@ -19,6 +19,10 @@ Kernels, per conv/linear layer (``Engine.kernels()`` lists the choice):
 - ``xnor``: binary {-1, +1} (or {0, 1}: ``acc01 = (acc_pm1 + sum(x)) / 2``) weights x sign
   input: the quantize op packs the signs of its input into 64-bit words and the layer
   runs XOR + popcount (zero padding is exact: padded taps are skipped);
+- ``sst-lut``: structured sparse ternary weights (``load(..., sst_kernel="lut")``): per
+  block of 16 input rows the partial sums of every codebook pattern over every group are
+  tabulated once and each output channel adds one table entry per group (no multiplies);
+  by default SST layers run ``gemm-int8``, faster where VNNI exists (bench/sst.py);
 - ``int64``: wider integer codes (int16/int32 fixed point): im2col + an int64 GEMM;
 - ``float``: float weights or float input: float32 im2col + matmul (not bit-exact).
 
@@ -257,7 +261,7 @@ class _Layer:
     """A conv/linear layer planned for one kernel."""
 
     op: dict
-    kernel: str  # gemm-int8 | xnor | int64 | float
+    kernel: str  # gemm-int8 | xnor | sst-lut | int64 | float
     conv: bool
     codes: np.ndarray  # conv: [O, kh, kw, C/g]; linear: [O, K]
     in_dtype: Any = None  # the input codes' dtype (int8/uint8/int16) on integer paths
@@ -326,6 +330,8 @@ class _Layer:
             self.packed = K.prepare_binary_conv(wp) if self.conv else wp
         elif self.kernel == "int64":
             self.w64 = self.codes.reshape(self.O, -1).astype(np.int64)
+        elif self.kernel == "sst-lut":
+            pass  # packed by _prepare_sst
         else:
             self.wf = self.codes.reshape(self.O, -1).astype(np.float32)
 
@@ -607,6 +613,16 @@ class _Layer:
         return y
 
     def acc(self, x) -> np.ndarray:
+        if self.kernel == "sst-lut":
+            if x.dtype != self.in_dtype:
+                x = x.astype(self.in_dtype)
+            if not self.conv:
+                return K.sst_lut_matmul(x, self.packed)
+            cols = _im2col(x, 0, self.cin, self.geo)
+            N, H, W, _ = x.shape
+            Ho, Wo = (_out_size(s, k, st, p, d) for s, k, st, p, d in zip(
+                (H, W), (self.kh, self.kw), self.stride, self.padding, self.dilation))  # fmt: skip
+            return K.sst_lut_matmul(cols, self.packed).reshape(N, Ho, Wo, self.O)
         if self.kernel == "gemm-int8":
             if x.dtype != self.in_dtype:
                 x = x.astype(self.in_dtype)
@@ -737,6 +753,17 @@ _OI = np.zeros((1, 1), np.int32)
 _OF = np.zeros((1, 1), np.float32)
 _OF3 = np.zeros((1, 1, 1), np.float32)
 _OB = np.zeros((1, 1), np.uint64)
+
+
+def _prepare_sst(codes: np.ndarray, n: int, k: int, conv: bool):
+    """SST look-up-table weights; a conv's input rows are im2col rows ``[kh, kw, C]`` while
+    its groups follow the weight's ``[C, kh, kw]`` order, so the column map reorders."""
+    if not conv:
+        return K.prepare_sst(codes, n, k)
+    O, C, kh, kw = codes.shape
+    c, i, j = np.meshgrid(np.arange(C), np.arange(kh), np.arange(kw), indexing="ij")
+    colmap = ((i * kw + j) * C + c).reshape(-1)
+    return K.prepare_sst(codes, n, k, colmap)
 
 
 def _gemm_rows(lay: _Layer, pointwise: bool = True) -> bool:
@@ -1014,7 +1041,11 @@ class Engine:
     fresh array): call one Engine from one thread at a time; load one per thread for
     concurrent inference."""
 
-    def __init__(self, path, threads: int | None = None, warmup: bool = True):
+    def __init__(self, path, threads: int | None = None, warmup: bool = True,
+                 sst_kernel: str = "gemm"):  # fmt: skip
+        if sst_kernel not in ("gemm", "lut"):
+            raise ValueError(f"sst_kernel must be 'gemm' or 'lut', got {sst_kernel!r}")
+        self.sst_kernel = sst_kernel
         f = read(path)
         self.path = str(path)
         self.graph = f.graph
@@ -1179,6 +1210,7 @@ class Engine:
         name = op["name"]
         codes = t.pop("codes")
         conv = op["kind"] == "conv"
+        orig = codes  # [O, C, kh, kw] / [O, K]: the order SST groups follow
         if conv:
             if codes.ndim != 4:
                 raise FormatError(f"{self.path}: conv {name!r}: codes of shape {codes.shape}")
@@ -1217,7 +1249,20 @@ class Engine:
                 return _Layer(op, "xnor", conv, codes.astype(np.int8), t=ft)
             if vals <= {0, 1} and "offset_scale" not in ft:
                 return _Layer(op, "xnor", conv, codes.astype(np.int8), t=ft, binary01=True)
-        if -128 <= cmin and cmax <= 127 and in_dtype in (np.dtype(np.int8), np.dtype(np.uint8)):
+        int8_in = in_dtype in (np.dtype(np.int8), np.dtype(np.uint8))
+        wc = a.get("weight_codec") or {}
+        if (
+            self.sst_kernel == "lut" and wc.get("_type") == "sst" and int8_in and groups == 1
+            and "offset_scale" not in ft
+        ):  # fmt: skip
+            d = wc.get("_data", {})
+            try:
+                sst = _prepare_sst(orig, int(d["n"]), int(d["k"]), conv)
+            except (KeyError, TypeError, ValueError) as e:
+                raise FormatError(f"{self.path}: layer {name!r}: bad SST codes ({e})") from None
+            return _Layer(op, "sst-lut", conv, codes.astype(np.int8), in_dtype=in_dtype, t=ft,
+                          packed=sst)  # fmt: skip
+        if -128 <= cmin and cmax <= 127 and int8_in:
             return _Layer(op, "gemm-int8", conv, codes.astype(np.int8), in_dtype=in_dtype, t=ft)
         return _Layer(op, "int64", conv, codes.astype(np.int64), in_dtype=in_dtype, t=ft)
 
@@ -1313,8 +1358,13 @@ def _relu(x):
     return np.maximum(x, np.float32(0))
 
 
-def load(path: str | os.PathLike, threads: int | None = None, warmup: bool = True) -> Engine:
+def load(
+    path: str | os.PathLike, threads: int | None = None, warmup: bool = True,
+    sst_kernel: str = "gemm",
+) -> Engine:  # fmt: skip
     """Load a packed ``.lowbit`` file for inference. ``threads``: kernel threads (default:
     numba's, all cores). ``warmup``: run one zero batch now (compiles and checks the plan).
+    ``sst_kernel``: SST layers on the int8 GEMM (``gemm``, the faster on CPUs with VNNI,
+    measured in bench/sst.py) or on the look-up-table kernel (``lut``).
     Raises ``FileNotFoundError`` or ``lowbit.errors.FormatError``."""
-    return Engine(path, threads=threads, warmup=warmup)
+    return Engine(path, threads=threads, warmup=warmup, sst_kernel=sst_kernel)

@@ -39,6 +39,7 @@ from numba.extending import intrinsic
 __all__ = [
     "HAS_VNNI",
     "PackedConv",
+    "PackedSST",
     "conv2d_binary",
     "conv2d_int",
     "conv2d_ternary",
@@ -52,8 +53,10 @@ __all__ = [
     "pack_ternary",
     "prepare_conv",
     "prepare_linear",
+    "prepare_sst",
     "requant",
     "set_threads",
+    "sst_lut_matmul",
 ]
 
 
@@ -1651,4 +1654,112 @@ def dequant(acc, scale, bias=None) -> np.ndarray:
     b = _per_channel(bias, C, np.float32, "bias") if has_bias else np.zeros(C, np.float32)
     out = np.empty(acc.shape, np.float32)
     _dequant(acc.reshape(-1, C), s, b, has_bias, out.reshape(-1, C))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# structured sparse ternary (SST): look-up tables
+
+
+@dataclass(frozen=True, eq=False)
+class PackedSST:
+    """SST weights for :func:`sst_lut_matmul`: ``index [O, G]`` codebook indices, the
+    codebook's non-zero taps (``pos``, ``sign``, ``nnz``) and ``colmap [G * n]``: for each
+    position of each group, the column of the input row it reads (-1: zero padding)."""
+
+    index: np.ndarray
+    pos: np.ndarray
+    sign: np.ndarray
+    nnz: np.ndarray
+    colmap: np.ndarray
+    n: int
+    k: int
+    fan_in: int
+
+    @property
+    def out_channels(self) -> int:
+        return self.index.shape[0]
+
+
+def prepare_sst(codes: np.ndarray, n: int, k: int, colmap: np.ndarray | None = None) -> PackedSST:
+    """SST weights from ternary ``codes`` ``[O, ...]`` (each row flattened in C order, at
+    most ``k`` non-zeros per group of ``n``). ``colmap[f]`` is the input column that
+    flattened weight position ``f`` multiplies (default: ``f``)."""
+    from .. import sstcode
+
+    if k * 255 > 32767:
+        raise ValueError(f"SST look-up tables are int16: k = {k} is too large")
+    codes = np.asarray(codes)
+    rows = codes.shape[0]
+    fan_in = int(np.prod(codes.shape[1:])) if codes.ndim > 1 else 1
+    index = sstcode.encode_groups(codes.reshape(rows, fan_in), n, k)
+    g = index.shape[1]
+    cm = np.full(g * n, -1, np.int64)
+    cm[:fan_in] = np.arange(fan_in) if colmap is None else np.asarray(colmap, np.int64)
+    pos, sign, nnz = sstcode.pattern_taps(n, k)
+    return PackedSST(np.ascontiguousarray(index.astype(np.int32)), pos, sign.astype(np.int16),
+                     nnz, cm, int(n), int(k), fan_in)  # fmt: skip
+
+
+_SST_R = 16  # input rows per table: the innermost (vectorized) axis of the tables
+_SST_GC = 8  # groups per table chunk (the chunk's tables stay in L1/L2)
+
+
+@njit(parallel=True, cache=True)
+def _sst_lut(x, index, colmap, pos, sign, nnz, n, out):
+    """``out[p, o] = sum_g T[g, index[o, g], p]``, ``T[g, q, p]`` the partial sum of
+    pattern ``q``'s taps over group ``g`` of input row ``p``: built once for a block of
+    ``_SST_R`` rows (the vector lanes) and a chunk of ``_SST_GC`` groups, and shared by
+    every output channel, which then needs one look-up and one (vector) add per group.
+    Tables are int16 (|sum| <= k * 255), accumulators int32."""
+    P = x.shape[0]
+    O, G = index.shape
+    cb = pos.shape[0]
+    R = _SST_R
+    GC = _SST_GC
+    ntask = (P + R - 1) // R
+    for task in prange(ntask):
+        p0 = task * R
+        nr = min(R, P - p0)
+        T = np.zeros((GC, cb, R), np.int16)
+        v = np.zeros((n, R), np.int16)
+        acc = np.zeros((O, R), np.int32)
+        for g0 in range(0, G, GC):
+            gn = min(GC, G - g0)
+            for gi in range(gn):
+                g = g0 + gi
+                for j in range(n):
+                    c = colmap[g * n + j]
+                    for r in range(R):
+                        v[j, r] = x[p0 + r, c] if (c >= 0 and r < nr) else 0
+                for q in range(cb):
+                    for r in range(R):
+                        T[gi, q, r] = 0
+                    for t in range(nnz[q]):
+                        sg = sign[q, t]
+                        pj = pos[q, t]
+                        for r in range(R):
+                            T[gi, q, r] += sg * v[pj, r]
+            for o in range(O):
+                for gi in range(gn):
+                    q = index[o, g0 + gi]
+                    for r in range(R):
+                        acc[o, r] += T[gi, q, r]
+        for o in range(O):
+            for r in range(nr):
+                out[p0 + r, o] = acc[o, r]
+
+
+def sst_lut_matmul(x2: np.ndarray, packed: PackedSST) -> np.ndarray:
+    """``x2 [P, F]`` int8/uint8 rows times SST weights: the int32 ``[P, O]`` accumulator
+    (equal to ``x2 @ codes.T`` with the colmap applied), by look-up tables."""
+    x2 = np.ascontiguousarray(x2)
+    if x2.ndim != 2 or x2.dtype not in (np.int8, np.uint8):
+        raise ValueError(f"sst_lut_matmul takes a 2-D int8/uint8 array, got {x2.dtype} "
+                         f"{x2.shape}")  # fmt: skip
+    if packed.colmap.max(initial=-1) >= x2.shape[1]:
+        raise ValueError(f"input rows have {x2.shape[1]} columns; the weights read more")
+    out = np.empty((x2.shape[0], packed.out_channels), np.int32)
+    _sst_lut(x2, packed.index, packed.colmap, packed.pos, packed.sign, packed.nnz, packed.n,
+             out)  # fmt: skip
     return out
