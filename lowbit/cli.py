@@ -142,6 +142,8 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 10) -> None:
 _QAT_DEFAULTS: dict[str, dict[str, Any]] = {
     "sbnn": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
     "bnn-pruned": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
+    # BURN: Adam, no weight decay (its paper); lr 1e-3 for CPU budgets (see methods/burn.py)
+    "burn": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
 }
 
 
@@ -307,7 +309,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if qat_config.lr is None:  # fine-tuning from an FP model: a smaller step than training
         qat_config = replace(qat_config, lr=0.01 if qat_config.optimizer == "sgd" else 1e-4)
     options = _parse_kv(args.method_arg, "--method-arg")
-    for flag in ("density", "n", "k"):  # method options with their own flags
+    for flag in ("density", "n", "k", "teacher", "pretrain"):  # options with their own flags
         if getattr(args, flag, None) is not None:
             options[flag] = getattr(args, flag)
     result = compress_model(
@@ -326,9 +328,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         convention=args.convention,
         resume=args.resume,
     )
+    fp_acc = result["fp_test_accuracy"]
     text = (
         f"{result['method']} on {result['model']}: test accuracy "
-        f"{100 * result['test_accuracy']:.2f}% (FP {100 * result['fp_test_accuracy']:.2f}%), "
+        f"{100 * result['test_accuracy']:.2f}% (FP "
+        f"{'n/a' if fp_acc is None else f'{100 * fp_acc:.2f}%'}), "
         f"storage {result['storage_bytes']:,.0f} B (x{result['compression_vs_fp32']:.1f} vs "
         f"fp32), energy x{result['energy_vs_fp16']:.1f} vs fp16, density "
         f"{result['density']:.3f}\nreport: {result['out']}/summary.md"
@@ -485,6 +489,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n", type=int, help="SST group size (sst; default 8)")
     p.add_argument("--k", type=int, help="SST non-zeros allowed per group (sst; default 2)")
+    p.add_argument(
+        "--teacher",
+        metavar="CKPT",
+        help="burn: the FP target encoder (a lowbit FP checkpoint; --from is the same)",
+    )
+    p.add_argument(
+        "--pretrain",
+        metavar="NAME",
+        help="burn: pre-train the FP target "
+        "self-supervised first (simclr; the default without --teacher)",
+    )
     p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
     _add_data(p)
     _add_training(p)

@@ -80,6 +80,15 @@ def _method_row(method: str, model: str, qat: dict[str, Any] | None = None, **op
 
 _ADAM = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}
 
+
+def _burn_row(out: Path, epochs: int, seed: int, quiet: bool) -> dict[str, Any]:
+    """BURN trains without labels from a self-supervised FP target; its own row function
+    (a narrow ResNet-20 on 512 sample images, accuracy by linear probe)."""
+    from .methods.burn import demo_row
+
+    return demo_row(out, epochs, seed, quiet)
+
+
 #: (name, function) pairs run in order; later issues append their method's row.
 DEMO_ROWS: list[tuple[str, Callable[[Path, int, int, bool], dict[str, Any]]]] = [
     ("fp32", _fp_row),
@@ -88,6 +97,8 @@ DEMO_ROWS: list[tuple[str, Callable[[Path, int, int, bool], dict[str, Any]]]] = 
     ("sbnn", _method_row("sbnn", "lenet5", qat=_ADAM, density=0.05)),
     # SST(8, 2) on the paper's fully connected net: 1 bit per weight, additions only
     ("sst", _method_row("sst", "lenet300", n=8, k=2)),
+    # BURN: label-free; test accuracy = linear probe, FP acc = the FP target's probe
+    ("burn", _burn_row),
 ]
 
 

@@ -251,6 +251,11 @@ def _example_shape(net, input_shape) -> tuple[int, ...]:
     return tuple(shape)
 
 
+#: Methods whose training does not fit the generic FP -> QAT flow below: method name ->
+#: "module:function" taking ``compress_model``'s arguments and returning its result keys.
+METHOD_WORKFLOWS: dict[str, str] = {"burn": "lowbit.methods.burn:compress_burn"}
+
+
 def compress_model(
     method: str,
     model: str,
@@ -280,6 +285,16 @@ def compress_model(
     from .cost import analyze, format_table
     from .recipes import compress_, make_recipe
 
+    if method in METHOD_WORKFLOWS:  # e.g. BURN: label-free, two views, its own loop
+        import importlib
+
+        module, func = METHOD_WORKFLOWS[method].split(":")
+        return getattr(importlib.import_module(module), func)(
+            method=method, model=model, data=data, out=out, config=config, data_dir=data_dir,
+            model_kwargs=model_kwargs, from_checkpoint=from_checkpoint, fp_config=fp_config,
+            limit_train=limit_train, limit_test=limit_test, method_options=method_options,
+            convention=convention, resume=resume,
+        )  # fmt: skip
     out = Path(out)
     model_kwargs = dict(model_kwargs or {})
     recipe = make_recipe(method, **(method_options or {}))  # validate before any training
