@@ -142,6 +142,8 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 10) -> None:
 _QAT_DEFAULTS: dict[str, dict[str, Any]] = {
     "sbnn": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
     "bnn-pruned": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
+    # Bayesian compression: Adam as the authors; the KL term is the only regularizer
+    "bayes": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
 }
 
 
@@ -307,7 +309,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if qat_config.lr is None:  # fine-tuning from an FP model: a smaller step than training
         qat_config = replace(qat_config, lr=0.01 if qat_config.optimizer == "sgd" else 1e-4)
     options = _parse_kv(args.method_arg, "--method-arg")
-    for flag in ("density",):  # method options with their own flags
+    for flag in ("density", "prior"):  # method options with their own flags
         if getattr(args, flag, None) is not None:
             options[flag] = getattr(args, flag)
     result = compress_model(
@@ -482,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted QAT run")
     p.add_argument(
         "--density", type=float, help="target fraction of non-zero weights (sbnn; default 0.05)"
+    )
+    p.add_argument(
+        "--prior", choices=("gnj", "ghs"), help="bayes: group normal-Jeffreys or horseshoe (gnj)"
     )
     p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
     _add_data(p)

@@ -330,7 +330,7 @@ def make_recipe(method: str, **options) -> Recipe:
 
 def _load_methods() -> None:
     """Import the built-in methods (each registers its recipe and any codecs of its own)."""
-    from .methods import prom, sbnn  # noqa: F401
+    from .methods import bayes, prom, sbnn  # noqa: F401
 
 
 recipe = make_recipe

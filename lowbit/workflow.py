@@ -251,6 +251,12 @@ def _example_shape(net, input_shape) -> tuple[int, ...]:
     return tuple(shape)
 
 
+#: method -> "module:function" with ``compress_model``'s signature, for methods whose
+#: training does not fit the generic QAT flow (Bayesian compression trains a posterior,
+#: then prunes and picks the precision from it)
+_METHOD_WORKFLOWS: dict[str, str] = {"bayes": "lowbit.methods.bayes:compress_model"}
+
+
 def compress_model(
     method: str,
     model: str,
@@ -280,6 +286,14 @@ def compress_model(
     from .cost import analyze, format_table
     from .recipes import compress_, make_recipe
 
+    if method in _METHOD_WORKFLOWS:  # methods whose training is not plain QAT
+        import importlib
+
+        mod_name, fn_name = _METHOD_WORKFLOWS[method].split(":")
+        return getattr(importlib.import_module(mod_name), fn_name)(
+            method, model, data, out, config, data_dir, model_kwargs, from_checkpoint,
+            fp_config, limit_train, limit_test, method_options, convention, resume,
+        )  # fmt: skip
     out = Path(out)
     model_kwargs = dict(model_kwargs or {})
     recipe = make_recipe(method, **(method_options or {}))  # validate before any training
