@@ -86,6 +86,8 @@ DEMO_ROWS: list[tuple[str, Callable[[Path, int, int, bool], dict[str, Any]]]] = 
     ("prom", _method_row("prom", "mobilenet_tiny")),
     # SBNN trains with Adam (its paper's optimizer), density target 5%
     ("sbnn", _method_row("sbnn", "lenet5", qat=_ADAM, density=0.05)),
+    # Bayesian compression (GNJ prior): posterior training with Adam, then pruning and bits
+    ("bayes", _method_row("bayes", "lenet5", qat={**_ADAM, "schedule": "constant"}, prior="gnj")),
 ]
 
 

@@ -164,6 +164,11 @@ def test_authors_exponent_bits():
 # ----------------------------------------------------------------------------- layers
 
 
+def _set_z(layer, idx, value):
+    """Set GNJ group means (stored divided by the layer's lr scale)."""
+    layer.z_mu_p.data[idx] = value / layer.lv_scale
+
+
 def test_bayesian_and_back_is_the_identity_at_unit_scales():
     torch.manual_seed(0)
     net = models.create("lenet5")
@@ -173,7 +178,7 @@ def test_bayesian_and_back_is_the_identity_at_unit_scales():
     kinds = [type(m) for m in net.modules() if isinstance(m, BayesConv2d | BayesLinear)]
     assert kinds == [BayesConv2d, BayesConv2d, BayesLinear, BayesLinear]
     for m in bayes.bayes_layers(net).values():
-        m.z_mu.data.fill_(1.0)
+        _set_z(m, slice(None), 1.0)
     back = deterministic_(net).eval()
     assert torch.allclose(back(x), ref, atol=1e-5)
     assert not any(isinstance(m, BayesConv2d | BayesLinear) for m in back.modules())
@@ -326,10 +331,10 @@ def test_masked_bayesian_model_and_removed_model_agree():
     net = models.create("lenet5")
     bayesian_(net)
     layers = bayes.bayes_layers(net)
-    layers["conv1"].z_mu.data[:12] = 1e-4  # log alpha >> 0: pruned
-    layers["conv2"].z_mu.data[5:45] = 1e-4
-    layers["fc1"].z_mu.data[:700] = 1e-4
-    layers["fc2"].z_mu.data[100:] = 1e-4
+    _set_z(layers["conv1"], slice(None, 12), 1e-4)  # log alpha >> 0: pruned
+    _set_z(layers["conv2"], slice(5, 45), 1e-4)
+    _set_z(layers["fc1"], slice(None, 700), 1e-4)
+    _set_z(layers["fc2"], slice(100, None), 1e-4)
     cfg = BayesConfig()
     ex = torch.zeros(1, 1, 28, 28)
     pq = bayes.prune_and_quantize(net, cfg, ex, list(layers))
@@ -355,8 +360,8 @@ def test_freeze_save_load_runtime_agree_with_the_fixed_point_model(tmp_path):
     net = models.create("lenet5")
     bayesian_(net)
     layers = bayes.bayes_layers(net)
-    layers["conv1"].z_mu.data[:10] = 1e-4
-    layers["fc1"].z_mu.data[:600] = 1e-4
+    _set_z(layers["conv1"], slice(None, 10), 1e-4)
+    _set_z(layers["fc1"], slice(None, 600), 1e-4)
     ex = torch.zeros(1, 1, 28, 28)
     pq = bayes.prune_and_quantize(net, BayesConfig(), ex, list(layers))
     q = pq["quant"].eval()

@@ -71,7 +71,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,7 @@ __all__ = [
     "kl_lognormal_gamma",
     "kl_lognormal_invgamma",
     "layer_bits",
+    "load_bayes_run",
     "remove_pruned",
     "total_kl",
 ]
@@ -199,10 +200,15 @@ class BayesConfig:
     bits_rule: str = "unit-roundoff"  # "unit-roundoff" (authors) | "std"
     std_k: float = 1.0  # the std rule: largest t with 2^-t > std_k * std(w)
     min_levels: int = 4  # the largest weight spans at least this many grid steps
+    # epochs of training with the pruning mask fixed, after the main run (not in the paper:
+    # recovers the accuracy pruning costs at short budgets; 0 = the paper's procedure)
+    finetune_epochs: int = 0
     max_fraction_bits: int = 23  # as the authors' float32 significand
-    # log-variances learn this many times faster than the means (see _BayesLayer): with
-    # Adam at 1e-3 and the init at -9 the posterior noise needs ~10 epochs to matter
-    logvar_lr_scale: float = 1.0
+    # log-variances and group scales learn this many times faster than the weight means
+    # (see _BayesLayer): under Adam every parameter moves about lr per step, a weight mean
+    # of size 0.03 by 3% but a log-variance from -9 or a group scale near 1 by 0.1%; at 1,
+    # the authors' setting, pruning starts only after ~10 epochs (methods.md)
+    lr_scale: float = 5.0
 
     def __post_init__(self):
         problems = []
@@ -214,7 +220,7 @@ class BayesConfig:
             "kl_warmup_epochs",
             "tau0",
             "std_k",
-            "logvar_lr_scale",
+            "lr_scale",
         ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
@@ -223,8 +229,8 @@ class BayesConfig:
             problems.append(f"tau0 must be > 0, got {self.tau0}")
         if isinstance(self.kl_warmup_epochs, int | float) and self.kl_warmup_epochs < 0:
             problems.append(f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}")
-        if isinstance(self.logvar_lr_scale, int | float) and not self.logvar_lr_scale > 0:
-            problems.append(f"logvar_lr_scale must be > 0, got {self.logvar_lr_scale}")
+        if isinstance(self.lr_scale, int | float) and not self.lr_scale > 0:
+            problems.append(f"lr_scale must be > 0, got {self.lr_scale}")
         if isinstance(self.std_k, int | float) and not self.std_k > 0:
             problems.append(f"std_k must be > 0, got {self.std_k}")
         if self.var_cap_first is not None and not (
@@ -234,6 +240,10 @@ class BayesConfig:
         if self.bits_rule not in BITS_RULES:
             problems.append(
                 f"bits_rule must be one of {', '.join(BITS_RULES)}, got {self.bits_rule!r}"
+            )
+        if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
+            problems.append(
+                f"finetune_epochs must be an integer >= 0, got {self.finetune_epochs!r}"
             )
         if not isinstance(self.min_levels, int) or not 1 <= self.min_levels <= 2**20:
             problems.append(f"min_levels must be an integer >= 1, got {self.min_levels!r}")
@@ -267,8 +277,8 @@ class _BayesLayer(nn.Module):
         self.prior = prior
         self.tau0 = float(tau0)
         self.var_cap = var_cap
-        # log-variances are stored divided by lv_scale: Adam's steps (about lr each) then
-        # move them lv_scale times faster than the means
+        # log-variances and group-scale parameters are stored divided by lv_scale: Adam's
+        # steps (about lr each) then move them lv_scale times faster than the weight means
         self.lv_scale = k = float(lv_scale)
         w = weight.detach().float().clone()
         n = w.shape[self.group_dim]
@@ -279,23 +289,29 @@ class _BayesLayer(nn.Module):
 
         if prior == "gnj":
             self.weight_mu = nn.Parameter(w)
-            self.z_mu = nn.Parameter(noise(n, 1.0))
+            self.z_mu_p = nn.Parameter(noise(n, 1.0) / k)
             self.z_logvar_p = nn.Parameter(noise(n, -9.0) / k)
         else:
             # theta_i starts at the group's RMS weight, so w~ starts at unit scale (the
-            # prior's); s takes the median group scale, z the rest
+            # prior's); s takes the median group scale, z the rest. The light-tailed Gamma
+            # factors start at their prior means (tau0^2 / 2 and 1 / 2): a Gamma factor costs
+            # KL linear in its value, an inverse-Gamma one only linear in its log, so the
+            # heavy-tailed factor carries the scale (starting the Gamma factor of s at s0^2
+            # made the KL ~1e9 with tau0 = 1e-5)
             dims = [d for d in range(w.dim()) if d != self.group_dim]
             rms = w.pow(2).mean(dim=dims).sqrt().clamp_min(1e-3)
             s0 = rms.median()
             shape = [1] * w.dim()
             shape[self.group_dim] = n
             self.weight_mu = nn.Parameter(w / rms.reshape(shape))
-            self.sa_mu = nn.Parameter(torch.log(s0).reshape(1).clone())
-            self.sb_mu = nn.Parameter(torch.log(s0).reshape(1).clone())
+            log_sa = math.log(self.tau0**2 / 2)
+            self.sa_mu_p = nn.Parameter(torch.full((1,), log_sa) / k)
+            self.sb_mu_p = nn.Parameter((2 * torch.log(s0) - log_sa).reshape(1) / k)
             self.sa_logvar_p = nn.Parameter(noise(1, -9.0) / k)
             self.sb_logvar_p = nn.Parameter(noise(1, -9.0) / k)
-            self.a_mu = nn.Parameter(torch.log(rms / s0))
-            self.b_mu = nn.Parameter(torch.log(rms / s0))
+            log_a = math.log(0.5)
+            self.a_mu_p = nn.Parameter(torch.full((n,), log_a) / k)
+            self.b_mu_p = nn.Parameter((2 * torch.log(rms / s0) - log_a) / k)
             self.a_logvar_p = nn.Parameter(noise(n, -9.0) / k)
             self.b_logvar_p = nn.Parameter(noise(n, -9.0) / k)
         self.weight_logvar_p = nn.Parameter(noise(w.shape, -9.0) / k)
@@ -306,7 +322,27 @@ class _BayesLayer(nn.Module):
             self.bias_mu = self.bias_logvar_p = None
         self.register_buffer("mask", torch.ones(n))
 
-    # -- log-variances (stored as parameter / lv_scale)
+    # -- log-variances and group scales (stored as parameter / lv_scale)
+
+    @property
+    def z_mu(self) -> Tensor:
+        return self.z_mu_p * self.lv_scale
+
+    @property
+    def sa_mu(self) -> Tensor:
+        return self.sa_mu_p * self.lv_scale
+
+    @property
+    def sb_mu(self) -> Tensor:
+        return self.sb_mu_p * self.lv_scale
+
+    @property
+    def a_mu(self) -> Tensor:
+        return self.a_mu_p * self.lv_scale
+
+    @property
+    def b_mu(self) -> Tensor:
+        return self.b_mu_p * self.lv_scale
 
     @property
     def weight_logvar(self) -> Tensor:
@@ -356,9 +392,9 @@ class _BayesLayer(nn.Module):
         """A multiplier per example and group, (B, n)."""
         eps = torch.randn(batch, self.n_groups, device=self.weight_mu.device)
         if self.prior == "gnj":
-            return self.z_mu + eps * (0.5 * self.z_logvar).exp()
+            return (self.z_mu + eps * (0.5 * self.z_logvar).exp()) * self.mask
         m, v = self.log_scale_moments()
-        return torch.exp(m + eps * v.sqrt())
+        return torch.exp(m + eps * v.sqrt()) * self.mask  # pruned groups stay 0 (fine-tuning)
 
     def group_statistic(self) -> Tensor:
         """What pruning thresholds: GNJ ``log alpha``; GHS ``m_i - max_j m_j`` (log scale
@@ -538,7 +574,7 @@ def bayesian_(model: nn.Module, config: BayesConfig | None = None,
             raise ValueError(f"layer {name} is already Bayesian")
         cap = cfg.var_cap_first if i == 0 else None
         cls = BayesConv2d if isinstance(old, nn.Conv2d) else BayesLinear
-        new = cls(old, cfg.prior, cfg.tau0, cap, cfg.logvar_lr_scale).to(old.weight.device)
+        new = cls(old, cfg.prior, cfg.tau0, cap, cfg.lr_scale).to(old.weight.device)
         setattr(parent, attr, new)
     model.lowbit_bayes = cfg
     return model
@@ -564,7 +600,8 @@ def set_masks(model: nn.Module, cfg: BayesConfig) -> dict[str, dict[str, Any]]:
             f"{', '.join(bayes_layers(model))}"
         )
     for name, m in bayes_layers(model).items():
-        keep = m.keep_groups(cfg.threshold_for(name))
+        # a group pruned before (fine-tuning runs with the mask) stays pruned
+        keep = m.keep_groups(cfg.threshold_for(name)) & (m.mask > 0)
         m.mask.copy_(keep.float())
         out[name] = {"groups": m.n_groups, "kept": int(keep.sum()),
                      "threshold": cfg.threshold_for(name)}  # fmt: skip
@@ -719,6 +756,11 @@ def _flow(model: nn.Module, example: Tensor):
                 if s is not None and s[0] != "<input>":
                     blocked.setdefault(s[0], f"feeds the grouped convolution {node.target}")
                 blocked.setdefault(node.target, "a grouped convolution")
+                s = None
+            if isinstance(m, nn.Linear) and val.dim() != 2:  # channels not on dim 1
+                if s is not None and s[0] != "<input>":
+                    blocked.setdefault(s[0], f"feeds {node.target} on a {val.dim()}-d tensor")
+                blocked.setdefault(node.target, f"a linear layer on a {val.dim()}-d tensor")
                 s = None
             inputs[node.target] = s
             layer_node[node.target] = node.name
@@ -1156,7 +1198,21 @@ def compress_model(
     })  # fmt: skip
     t0 = time.perf_counter()
     result = trainer.fit(train_set, test_set, resume=resume_from)
+    history = list(result.history)
+    epochs_done = trainer.epoch
     bnet = trainer.model.cpu().eval()
+    if cfg.finetune_epochs > 0:  # prune now, train on with the mask fixed
+        set_masks(bnet, cfg)
+        ft_dir = out / "bayes-finetune"
+        ft_config = replace(config, epochs=cfg.finetune_epochs)
+        ft = Trainer(bnet, ft_config, hooks=[KLHook(bnet, len(train_set), 0.0, cfg)],
+                     out_dir=ft_dir, meta=meta, train_transform=train_tf,
+                     test_transform=test_tf)  # fmt: skip
+        ft_resume = ft_dir / "last.pt" if resume and (ft_dir / "last.pt").exists() else None
+        result = ft.fit(train_set, test_set, resume=ft_resume)
+        history += result.history
+        epochs_done += ft.epoch
+        bnet = ft.model.cpu().eval()
     # accuracy of the posterior mean before pruning
     bnet_unmasked_acc = _accuracy_unmasked(bnet, test_set, test_tf)
     pq = prune_and_quantize(bnet, cfg, example, order)
@@ -1239,8 +1295,9 @@ def compress_model(
         "packed_payload_bytes": saved["payload_bytes"],
         "packed_header_bytes": saved["header_bytes"],
         "bayes": bayes_report,
-        "epochs": trainer.epoch,
-        "seconds": round(sum(m.get("seconds", 0.0) for m in result.history), 3),
+        "epochs": epochs_done,
+        "finetune_epochs": cfg.finetune_epochs,
+        "seconds": round(sum(m.get("seconds", 0.0) for m in history), 3),
         "wall_seconds": round(time.perf_counter() - t0, 3),
         "checkpoint": result.checkpoint,
         "fp_checkpoint": str(from_checkpoint),
@@ -1253,6 +1310,20 @@ def compress_model(
     (out / "summary.md").write_text(report_md(summary))
     write_json(out / "result.json", summary)
     return summary
+
+
+def load_bayes_run(out) -> nn.Module:
+    """The trained Bayesian model of a ``compress --method bayes`` output folder."""
+    from ..train import build_from_checkpoint, load_checkpoint
+
+    out = Path(out)
+    conf = json.loads((out / "config.json").read_text())
+    cfg = BayesConfig(**conf["recipe"]["options"])
+    net, _ = build_from_checkpoint(conf["from"])
+    shape = conf["model"].get("input_shape")
+    bayesian_(net, cfg, torch.zeros(1, *shape) if shape else None)
+    net.load_state_dict(load_checkpoint(out / "bayes" / "last.pt")["state_dict"])
+    return net.eval()
 
 
 @torch.no_grad()
