@@ -65,8 +65,10 @@ def main() -> None:
     ap.add_argument("--fp-epochs", type=int, default=3)
     ap.add_argument("--epochs5", type=int, default=10, help="Bayesian epochs, LeNet-5")
     ap.add_argument("--epochs300", type=int, default=30, help="Bayesian epochs, LeNet-300-100")
-    ap.add_argument("--logvar-lr-scale", type=float, default=None,
-                    help="bayes option logvar_lr_scale (default: the method's)")  # fmt: skip
+    ap.add_argument("--lr-scale", type=float, default=None,
+                    help="bayes option lr_scale (default: the method's)")  # fmt: skip
+    ap.add_argument("--finetune", type=int, default=0,
+                    help="bayes option finetune_epochs: epochs with the mask fixed")  # fmt: skip
     ap.add_argument("--all", action="store_true", help="also lenet300 with the GHS prior")
     ap.add_argument("--only", help="comma-separated run names to do now (others: re-read)")
     ap.add_argument("--seed", type=int, default=0)
@@ -117,8 +119,10 @@ def main() -> None:
         epochs = args.epochs5 if model == "lenet5" else args.epochs300
         out = root / name
         opts = {"prior": prior}
-        if args.logvar_lr_scale is not None:
-            opts["logvar_lr_scale"] = args.logvar_lr_scale
+        if args.lr_scale is not None:
+            opts["lr_scale"] = args.lr_scale
+        if args.finetune:
+            opts["finetune_epochs"] = args.finetune
         cfg = TrainConfig(epochs=epochs, batch_size=128, optimizer="adam", lr=1e-3,
                           weight_decay=0.0, schedule="constant", seed=args.seed,
                           progress=progress)  # fmt: skip
@@ -131,7 +135,8 @@ def main() -> None:
         t = TARGETS[model]
         results.append({
             "run": name, "model": model, "prior": prior, "options": opts, "seed": args.seed,
-            "epochs": r["epochs"], "seconds": r["seconds"], "threads": args.threads,
+            "epochs": r["epochs"], "finetune_epochs": r.get("finetune_epochs", 0),
+            "seconds": r["seconds"], "threads": args.threads,
             "command": "LOWBIT_DATA=../shared/data python " + " ".join(sys.argv),
             "fp_test_accuracy": r["fp_test_accuracy"], "test_accuracy": r["test_accuracy"],
             "test_error_pct": err, "packed_file_accuracy": r["frozen_test_accuracy"],

@@ -42,11 +42,10 @@ Pruning (``threshold``, ``thresholds``)
 ----------------------------------------
 GNJ keeps group ``i`` if ``log alpha_i < threshold`` (default -3.0 for every layer; the
 authors used -2.8 / -3.0 / -5.0 on LeNet-300-100; per layer: ``thresholds="fc1=-2.8,
-fc3=-5"``). GHS: the paper does not state its rule (methods.md); we prune group ``i`` when
-the median of its scale is far below the layer's largest one,
-``m_i - max_j m_j < ghs_threshold`` (default ``ln(1e-3)``): the split of the scale between
-``s`` and ``z`` is not identified by the likelihood, so only relative scales are
-meaningful. A weight survives only if its input and its output neuron survive.
+fc3=-5"``). GHS: the paper does not state its rule (methods.md); we threshold the same
+quantity for the horseshoe's group multiplier, ``log alpha_i = log(Var(theta_i) /
+E[theta_i]^2) = log(exp(v_i) - 1)`` (``ghs_threshold``, default -3.0).
+A weight survives only if its input and its output neuron survive.
 ``remove_pruned`` then deletes pruned neurons and filters (rows, columns, BatchNorm
 channels, flattened features) and gives a smaller dense model; a pruned filter that feeds
 a residual addition or a concatenation cannot be removed and is left whole (reported).
@@ -192,7 +191,7 @@ class BayesConfig:
 
     prior: str = "gnj"  # "gnj" (group normal-Jeffreys) | "ghs" (group horseshoe)
     threshold: float = -3.0  # GNJ: keep a group while log alpha < threshold
-    ghs_threshold: float = -6.9  # GHS: keep while log scale - the layer's max > this (1e-3)
+    ghs_threshold: float = -3.0  # GHS: keep while log(Var(theta) / E[theta]^2) < this
     thresholds: Any = None  # per-layer overrides "name=value,..." (of the prior's statistic)
     tau0: float = 1e-5  # GHS global scale of the half-Cauchy prior on s (the paper's)
     kl_warmup_epochs: float = 0.0  # KL weight ramps 0 -> 1 over these epochs (0: none)
@@ -397,17 +396,20 @@ class _BayesLayer(nn.Module):
         return torch.exp(m + eps * v.sqrt()) * self.mask  # pruned groups stay 0 (fine-tuning)
 
     def group_statistic(self) -> Tensor:
-        """What pruning thresholds: GNJ ``log alpha``; GHS ``m_i - max_j m_j`` (log scale
-        relative to the layer's largest group)."""
+        """What pruning thresholds: the noise-to-signal ratio of the group multiplier,
+        ``log alpha_i``. GNJ: ``log sigma_z^2 - log mu_z^2`` (the paper's). GHS (the paper
+        does not state its rule): ``log(Var(theta_i) / E[theta_i]^2) = log(exp(v_i) - 1)``
+        for the log-normal group scale, the same quantity for the horseshoe's multiplier (a
+        threshold on the scale itself is meaningless: the likelihood does not identify how
+        the scale splits between ``s``, ``z`` and ``w~``)."""
         with torch.no_grad():
             if self.prior == "gnj":
                 return self.z_logvar - torch.log(self.z_mu**2 + _LOG_EPS)
-            m, _ = self.log_scale_moments()
-            return m - m.max()
+            _, v = self.log_scale_moments()
+            return torch.log(torch.expm1(v) + _LOG_EPS**2)
 
     def keep_groups(self, threshold: float) -> Tensor:
-        stat = self.group_statistic()
-        return stat < threshold if self.prior == "gnj" else stat > threshold
+        return self.group_statistic() < threshold
 
     # -- moments of the weights
 
