@@ -420,3 +420,13 @@ def test_cli_bad_bayes_option_is_a_clear_error(tmp_path, capsys):
     ])  # fmt: skip
     stdout, _ = capsys.readouterr()
     assert code != 0 and "bits_rule" in json.loads(stdout)["error"]
+
+
+def test_cli_threshold_for_an_unknown_layer_fails_before_training(tmp_path, capsys):
+    code = main([
+        "compress", "--method", "bayes", "--model", "lenet300", "--data", "sample", "--epochs",
+        "1", "--out", str(tmp_path / "x"), "--method-arg", "thresholds=fc9=-2", "--json",
+    ])  # fmt: skip
+    stdout, _ = capsys.readouterr()
+    assert code != 0 and "fc9" in json.loads(stdout)["error"]
+    assert not (tmp_path / "x" / "fp").exists()  # nothing was trained
