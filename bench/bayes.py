@@ -193,10 +193,12 @@ def _write(res_dir, args, fps, results, limits) -> None:
 def _markdown(d) -> str:
     lines = [
         "# Bayesian compression on MNIST", "",
-        f"Command: `{d['command']}`. {d['training']}; {d['threads']} thread(s), seed "
+        f"{d['training']}; {d['threads']} thread(s), seed "
         f"{d['seed']}. FP starts: " + ", ".join(
             f"{m} {v['epochs']} epochs ({100 * v['test_accuracy']:.2f}%, {v['seconds']:.0f} s)"
             for m, v in d["fp"].items()) + ".", "",
+        "Epochs include the fine-tuning epochs with the mask fixed; seconds are training "
+        "seconds (the machine was shared, so they vary).", "",
         "| run | epochs | seconds | error | pruned architecture | x pruned | x stored "
         "(everything) | x authors' count | bits/w lowbit / authors | paper | target met |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -214,6 +216,8 @@ def _markdown(d) -> str:
             f"{r['authors_bits_per_weight']:.2f} | {p.get('error', '-')}%, "
             f"x{p.get('compression', '-')}, {p.get('architecture', '-')} | {met} |"
         )
+    lines += ["", "Commands (one per run; each run resumable):", ""]
+    lines += [f"- {r['run']}: `{r['command']}`" for r in d["results"]]
     lines += ["", "Per layer (kept groups / groups, fraction bits from the rule, stored bits per "
               "weight):", ""]  # fmt: skip
     for r in d["results"]:
