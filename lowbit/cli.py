@@ -144,6 +144,8 @@ _QAT_DEFAULTS: dict[str, dict[str, Any]] = {
     "bnn-pruned": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
     # BURN: Adam, no weight decay (its paper); lr 1e-3 for CPU budgets (see methods/burn.py)
     "burn": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
+    # Bayesian compression: Adam as the authors; the KL term is the only regularizer
+    "bayes": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
 }
 
 
@@ -309,7 +311,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if qat_config.lr is None:  # fine-tuning from an FP model: a smaller step than training
         qat_config = replace(qat_config, lr=0.01 if qat_config.optimizer == "sgd" else 1e-4)
     options = _parse_kv(args.method_arg, "--method-arg")
-    for flag in ("density", "n", "k", "teacher", "pretrain"):  # options with their own flags
+    for flag in (
+        "density",
+        "n",
+        "k",
+        "teacher",
+        "pretrain",
+        "prior",
+    ):  # options with their own flags
         if getattr(args, flag, None) is not None:
             options[flag] = getattr(args, flag)
     result = compress_model(
@@ -499,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="burn: pre-train the FP target "
         "self-supervised first (simclr; the default without --teacher)",
+    )
+    p.add_argument(
+        "--prior", choices=("gnj", "ghs"), help="bayes: group normal-Jeffreys or horseshoe (gnj)"
     )
     p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
     _add_data(p)

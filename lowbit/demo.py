@@ -99,6 +99,8 @@ DEMO_ROWS: list[tuple[str, Callable[[Path, int, int, bool], dict[str, Any]]]] = 
     ("sst", _method_row("sst", "lenet300", n=8, k=2)),
     # BURN: label-free; test accuracy = linear probe, FP acc = the FP target's probe
     ("burn", _burn_row),
+    # Bayesian compression (GNJ prior): posterior training with Adam, then pruning and bits
+    ("bayes", _method_row("bayes", "lenet5", qat={**_ADAM, "schedule": "constant"}, prior="gnj")),
 ]
 
 

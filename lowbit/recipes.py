@@ -340,7 +340,7 @@ def make_recipe(method: str, **options) -> Recipe:
 
 def _load_methods() -> None:
     """Import the built-in methods (each registers its recipe and any codecs of its own)."""
-    from .methods import burn, prom, sbnn, sst  # noqa: F401
+    from .methods import bayes, burn, prom, sbnn, sst  # noqa: F401
 
 
 recipe = make_recipe

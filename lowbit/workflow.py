@@ -253,7 +253,10 @@ def _example_shape(net, input_shape) -> tuple[int, ...]:
 
 #: Methods whose training does not fit the generic FP -> QAT flow below: method name ->
 #: "module:function" taking ``compress_model``'s arguments and returning its result keys.
-METHOD_WORKFLOWS: dict[str, str] = {"burn": "lowbit.methods.burn:compress_burn"}
+METHOD_WORKFLOWS: dict[str, str] = {
+    "bayes": "lowbit.methods.bayes:compress_model",  # posterior training, pruning, bits
+    "burn": "lowbit.methods.burn:compress_burn",  # label-free, two views, its own loop
+}
 
 
 def compress_model(
