@@ -139,6 +139,10 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 10) -> None:
 
 #: QAT settings a method trains best with, used where the user gives none (SBNN follows
 #: its paper: Adam, lr 1e-3, no weight decay)
+#: compress options that have their own flag (--density, --n, ...) besides --method-arg
+_METHOD_FLAGS = ("density", "n", "k", "teacher", "pretrain", "prior", "max_bytes",
+                 "max_energy_pj", "max_latency_ms", "max_accuracy_drop", "candidates")  # fmt: skip
+
 _QAT_DEFAULTS: dict[str, dict[str, Any]] = {
     "sbnn": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
     "bnn-pruned": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
@@ -311,17 +315,23 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if qat_config.lr is None:  # fine-tuning from an FP model: a smaller step than training
         qat_config = replace(qat_config, lr=0.01 if qat_config.optimizer == "sgd" else 1e-4)
     options = _parse_kv(args.method_arg, "--method-arg")
-    for flag in (
-        "density",
-        "n",
-        "k",
-        "teacher",
-        "pretrain",
-        "prior",
-    ):  # options with their own flags
+    for flag in _METHOD_FLAGS:  # method options with their own flags
         if getattr(args, flag, None) is not None:
             options[flag] = getattr(args, flag)
+    recipe = None
+    if args.recipe is not None:
+        from .recipes import Recipe
+
+        if args.method is not None or options:
+            raise ValueError("--recipe replaces --method and its options: give one or the other")
+        recipe = Recipe.load(args.recipe)
+        args.method = recipe.method
+    elif args.method is None:
+        raise ValueError("give --method (or --recipe FILE)")
+    if args.method != "auto" and any(getattr(args, f, None) is not None for f in _METHOD_FLAGS[6:]):
+        raise ValueError("--max-* budgets and --candidates go with --method auto")
     result = compress_model(
+        recipe=recipe,
         method=args.method,
         model=args.model,
         data=args.data,
@@ -346,6 +356,62 @@ def cmd_compress(args: argparse.Namespace) -> int:
         f"fp32), energy x{result['energy_vs_fp16']:.1f} vs fp16, density "
         f"{result['density']:.3f}\nreport: {result['out']}/summary.md"
     )
+    _emit(args, result, text)
+    return 0
+
+
+def _ptq_recipe(args: argparse.Namespace):
+    """The recipe ``lowbit ptq`` applies: --recipe FILE, --method NAME, or --weights ..."""
+    from .ptq import uniform_recipe
+    from .recipes import Recipe, make_recipe
+
+    given = [f for f in ("recipe", "method") if getattr(args, f) is not None]
+    if len(given) > 1:
+        raise ValueError("give one of --recipe and --method (or neither, with --weights)")
+    if args.recipe is not None:
+        return Recipe.load(args.recipe)
+    if args.method is not None:
+        return make_recipe(args.method, **_parse_kv(args.method_arg, "--method-arg"))
+    if args.method_arg:
+        raise ValueError("--method-arg goes with --method")
+    return uniform_recipe(args.weights, args.acts, args.first, args.last)
+
+
+def cmd_ptq(args: argparse.Namespace) -> int:
+    from .ptq import Calibration
+    from .workflow import ptq_model
+
+    calib = Calibration(method=args.calibration, percentile=args.percentile,
+                        bn_correct=args.bn_correct)  # fmt: skip
+    result = ptq_model(
+        args.checkpoint, args.out, _ptq_recipe(args), data=args.data, data_dir=args.data_dir,
+        calibration=calib, calib_images=args.calib_images, limit_test=args.limit_test,
+        convention=args.convention, seed=args.seed,
+    )  # fmt: skip
+    text = (
+        f"PTQ ({result['method']}) {result['model']} on {result['data']}: test accuracy "
+        f"{100 * result['test_accuracy']:.2f}% (FP {100 * result['fp_test_accuracy']:.2f}%), "
+        f"storage {result['storage_bytes']:,.0f} B (x{result['compression_vs_fp32']:.2f} vs "
+        f"fp32), energy x{result['energy_vs_fp16']:.2f} vs fp16; {result['seconds']:.1f} s\n"
+        f"packed file: {result.get('packed')}; checkpoint: {result['checkpoint']}"
+    )
+    _emit(args, result, text)
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from .ptq import Calibration
+    from .sensitivity import format_table, run_sensitivity
+
+    cands = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    result = run_sensitivity(
+        args.checkpoint, args.out, data=args.data, data_dir=args.data_dir, candidates=cands,
+        calib_images=args.calib_images, holdout=args.holdout,
+        calibration=Calibration(method=args.calibration), convention=args.convention,
+        latency=not args.no_latency, repeats=args.repeats, seed=args.seed,
+        progress=not args.json,
+    )  # fmt: skip
+    text = f"{format_table(result)}\n\nwritten to {result['out']} (plot: {result['plot']})"
     _emit(args, result, text)
     return 0
 
@@ -484,7 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
             "rate defaults to 0.01 (SGD) or 1e-4 (Adam)."
         ),
     )
-    p.add_argument("--method", required=True, choices=methods, help="compression method")
+    p.add_argument(
+        "--method",
+        choices=[*methods, "auto"],
+        help="compression method (auto: search a recipe for the --max-* budget)",
+    )
+    p.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help="a recipe file instead of --method (e.g. the recipe.toml auto wrote)",
+    )
     p.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
                    help="method option, e.g. packing=base3 (repeatable)")  # fmt: skip
     p.add_argument("--model", required=True, help="zoo name or pkg.mod:fn")
@@ -512,11 +587,128 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prior", choices=("gnj", "ghs"), help="bayes: group normal-Jeffreys or horseshoe (gnj)"
     )
+    g = p.add_argument_group("budget (--method auto)")
+    g.add_argument("--max-bytes", type=float, help="bytes stored (the packed tensors)")
+    g.add_argument("--max-energy-pj", type=float, help="energy per image, pJ (cost model)")
+    g.add_argument(
+        "--max-latency-ms",
+        type=float,
+        help="lowbit runtime latency on this machine, batch 1, one thread",
+    )
+    g.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="POINTS",
+        help="accuracy drop against the FP model, in points",
+    )
+    g.add_argument(
+        "--candidates", help="codecs to choose from (default int8,int4,ternary,sst-8-2,binary)"
+    )
     p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
     _add_data(p)
     _add_training(p)
     _add_common(p)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser(
+        "ptq",
+        help="post-training quantization of an FP checkpoint (no retraining)",
+        description=(
+            "Quantize an FP checkpoint with no retraining: a recipe (--method, --recipe, or "
+            "--weights/--acts on every layer), activation ranges calibrated on a few hundred "
+            "training images (labels unused), optional BatchNorm re-estimation; then freeze, "
+            "pack and cost it like compress. OUT/ptq.pt is a starting point for "
+            "'lowbit compress --from'."
+        ),
+    )
+    p.add_argument("checkpoint", help="an FP checkpoint written by lowbit train")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--method", choices=methods, help="use this method's recipe")
+    p.add_argument(
+        "--method-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="method option (with --method; repeatable)",
+    )
+    p.add_argument("--recipe", metavar="FILE", help="a recipe file (.toml, .yaml, .json)")
+    p.add_argument(
+        "--weights",
+        default="int8",
+        help="weight codec on every layer when neither --method nor --recipe is "
+        "given: int8 (default), int<B>, ternary, binary, sst-N-K, fixed-I-F, ...",
+    )
+    p.add_argument(
+        "--acts",
+        default="int8",
+        choices=("int8", "uint8", "sint8", "float", "sign"),
+        help="activation codec with --weights (default int8)",
+    )
+    p.add_argument("--first", metavar="CODEC", help="weight codec of the first layer")
+    p.add_argument("--last", metavar="CODEC", help="weight codec of the last layer")
+    p.add_argument(
+        "--calibration",
+        choices=("minmax", "percentile", "mse"),
+        default="percentile",
+        help="activation range rule (default percentile)",
+    )
+    p.add_argument(
+        "--percentile",
+        type=float,
+        default=99.99,
+        help="with --calibration percentile (default 99.99)",
+    )
+    p.add_argument(
+        "--calib-images",
+        type=_positive_int,
+        default=512,
+        metavar="N",
+        help="calibration images from the training split (default 512)",
+    )
+    p.add_argument(
+        "--bn-correct",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="re-estimate BatchNorm statistics under the quantized weights (auto: when some "
+        "layer's weights have fewer than 8 bits)",
+    )
+    p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
+    _add_data(p, required=False, train=False)
+    _add_common(p)
+    p.set_defaults(func=cmd_ptq)
+
+    p = sub.add_parser(
+        "sensitivity",
+        help="per-layer accuracy drop and savings of each candidate codec (PTQ)",
+        description=(
+            "For each layer and candidate weight codec: the accuracy drop on a held-out part "
+            "of the training split when only that layer is quantized (PTQ, int8 input), and "
+            "the bytes, energy and measured runtime latency it saves. Writes "
+            "sensitivity.json, sensitivity.md and sensitivity.png into --out."
+        ),
+    )
+    p.add_argument("checkpoint", help="an FP checkpoint written by lowbit train")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--candidates",
+        default="int8,int4,ternary,sst-8-2,binary",
+        help="comma-separated weight codecs (default int8,int4,ternary,sst-8-2,binary; "
+        "also int<B>, fixed-I-F, sst-N-K, binary01)",
+    )
+    p.add_argument("--calib-images", type=_positive_int, default=256, metavar="N",
+                   help="calibration images (training split; default 256)")  # fmt: skip
+    p.add_argument("--holdout", type=_positive_int, default=1000, metavar="N",
+                   help="held-out training images that judge accuracy (default 1000)")  # fmt: skip
+    p.add_argument("--calibration", choices=("minmax", "percentile", "mse"),
+                   default="percentile")  # fmt: skip
+    p.add_argument("--no-latency", action="store_true", help="skip the runtime timings")
+    p.add_argument("--repeats", type=_positive_int, default=20,
+                   help="runs per latency median (default 20)")  # fmt: skip
+    p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="data set (default: the checkpoint's)")
+    g.add_argument("--data-dir", help="folder with one sub-folder per data set")
+    _add_common(p)
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser(
         "save",

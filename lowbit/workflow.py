@@ -256,6 +256,7 @@ def _example_shape(net, input_shape) -> tuple[int, ...]:
 METHOD_WORKFLOWS: dict[str, str] = {
     "bayes": "lowbit.methods.bayes:compress_model",  # posterior training, pruning, bits
     "burn": "lowbit.methods.burn:compress_burn",  # label-free, two views, its own loop
+    "auto": "lowbit.auto:compress_auto",  # sensitivity, search to a budget, then QAT
 }
 
 
@@ -274,8 +275,12 @@ def compress_model(
     method_options: dict[str, Any] | None = None,
     convention: str = "operand-width",
     resume: bool = False,
+    recipe=None,
 ) -> dict[str, Any]:
     """Compress a model with a method, end to end.
+
+    ``recipe`` (a Recipe) replaces the method's own (``method`` then only names the run:
+    ``lowbit compress --recipe FILE``, and ``--method auto`` after its search).
 
     1. The FP model: ``from_checkpoint``, else trained here with ``fp_config`` (into
        ``OUT/fp``).
@@ -284,11 +289,9 @@ def compress_model(
     3. The cost report (``OUT/cost.json``, ``OUT/cost.md``) and a summary
        (``OUT/summary.md``, ``OUT/result.json``).
     """
-    from . import data as data_mod
-    from .cost import analyze, format_table
-    from .recipes import compress_, make_recipe
+    from .recipes import Recipe, compress_, make_recipe
 
-    if method in METHOD_WORKFLOWS:  # e.g. BURN: label-free, two views, its own loop
+    if method in METHOD_WORKFLOWS and recipe is None:  # e.g. BURN: its own loop
         import importlib
 
         module, func = METHOD_WORKFLOWS[method].split(":")
@@ -300,7 +303,10 @@ def compress_model(
         )  # fmt: skip
     out = Path(out)
     model_kwargs = dict(model_kwargs or {})
-    recipe = make_recipe(method, **(method_options or {}))  # validate before any training
+    if recipe is None:
+        recipe = make_recipe(method, **(method_options or {}))  # validate before any training
+    elif method_options:
+        raise ValueError("method options go with a method's recipe, not with a recipe file")
     train_set, test_set = load_splits(data, data_dir, limit_train, limit_test, config.seed)
     if from_checkpoint is None:
         fp = train_model(
@@ -309,26 +315,32 @@ def compress_model(
         )  # fmt: skip
         from_checkpoint = fp["checkpoint"]
     net, ckpt = build_from_checkpoint(from_checkpoint)
-    if ckpt.get("recipe"):
+    from_ptq = bool(ckpt.get("recipe") and ckpt.get("ptq"))
+    if ckpt.get("recipe") and not from_ptq:
         raise ValueError(f"--from {from_checkpoint} is already compressed; give an FP checkpoint")
-    want = ckpt["model"].get("input_shape")
-    if want and list(train_set.shape) != list(want):
+    if from_ptq and ckpt["recipe"].get("method") != method:
         raise ValueError(
-            f"{from_checkpoint} was trained on inputs of shape {want}, data set {data} has "
-            f"{list(train_set.shape)}"
+            f"--from {from_checkpoint} was quantized (lowbit ptq) with the "
+            f"{ckpt['recipe'].get('method')!r} recipe, not {method!r}: use --method "
+            f"{ckpt['recipe'].get('method')} or start from the FP checkpoint"
         )
+    _check_input_shape(ckpt, train_set, from_checkpoint, data)
     dmeta = data_meta(train_set)
     train_tf, test_tf = transforms_for(dmeta, augment=config.augment)
     dev = resolve_device(config.device)
-    fp_acc = evaluate(net.to(dev), test_set, test_tf, config.eval_batch_size, dev)
     example = torch.zeros(1, *train_set.shape)
-    compress_(net.cpu(), recipe, example)
+    if from_ptq:  # already quantized and calibrated: QAT fine-tunes it
+        recipe = Recipe.from_dict(ckpt["recipe"])
+        fp_acc = {"test_accuracy": ckpt.get("fp_test_accuracy")}
+    else:
+        fp_acc = evaluate(net.to(dev), test_set, test_tf, config.eval_batch_size, dev)
+        compress_(net.cpu(), recipe, example)
     meta = {
         "model": ckpt["model"],
         "data": dmeta,
         "lowbit_version": __version__,
         "recipe": recipe.to_dict(),
-        "fp_checkpoint": str(from_checkpoint),
+        "fp_checkpoint": str(ckpt.get("fp_checkpoint", from_checkpoint)),
         "fp_test_accuracy": fp_acc["test_accuracy"],
     }
     qat_dir = out / "qat"
@@ -355,22 +367,56 @@ def compress_model(
             },
         )  # fmt: skip
     result = trainer.fit(train_set, test_set, resume=resume_from)
-    net = trainer.model.cpu()
+    return report_compressed(
+        trainer.model.cpu(), example, test_set, test_tf, out, meta,
+        method=method, data=data, convention=convention,
+        test_accuracy=result.metrics.get("test_accuracy"), write=trainer.is_main,
+        extra={
+            "epochs": trainer.epoch,
+            "seconds": round(sum(m.get("seconds", 0.0) for m in result.history), 3),
+            "checkpoint": result.checkpoint,
+            "fp_checkpoint": meta["fp_checkpoint"],
+            "seed": config.seed,
+        },
+    )  # fmt: skip
+
+
+def _check_input_shape(ckpt: dict, ds, source, data: str) -> None:
+    want = ckpt["model"].get("input_shape")
+    if want and list(ds.shape) != list(want):
+        raise ValueError(
+            f"{source} was trained on inputs of shape {want}, data set {data} has {list(ds.shape)}"
+        )
+
+
+def report_compressed(
+    net, example, test_set, test_tf, out: Path, meta: dict[str, Any], *, method: str,
+    data: str, convention: str, test_accuracy: float | None, write: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Freeze and pack a compressed model (when ``write``), cost it, and write the result
+    files every compress-like command leaves in ``out`` (cost.json, cost.md, summary.md,
+    result.json). ``meta`` is the checkpoint metadata (model, data, recipe,
+    fp_test_accuracy). Returns the result (``compress --json``'s keys)."""
+    from . import data as data_mod
+    from .cost import analyze, format_table
+
     frozen_info: dict[str, Any] = {}
     costed = net
-    if trainer.is_main:
-        fmeta = {**meta, "input_shape": list(train_set.shape)}
+    if write:
+        fmeta = {**meta, "input_shape": list(test_set.shape)}
         costed, frozen_info = freeze_and_pack(net, example, test_set, test_tf,
                                               out / "model.lowbit", fmeta)  # fmt: skip
     # the cost of the frozen model: its storage is what the packed file holds
     report = analyze(costed, example, convention=convention)
-    report = {"model": ckpt["model"]["name"], "method": method, **report}
+    model_name = meta["model"]["name"]
+    report = {"model": model_name, "method": method, **report}
     summary = {
         "method": method,
-        "model": ckpt["model"]["name"],
+        "model": model_name,
         "data": data_mod.canonical_name(data),
-        "test_accuracy": result.metrics.get("test_accuracy"),
-        "fp_test_accuracy": fp_acc["test_accuracy"],
+        "test_accuracy": test_accuracy,
+        "fp_test_accuracy": meta.get("fp_test_accuracy"),
         "storage_bytes": report["totals"]["storage_bytes"],
         "fp32_storage_bytes": report["baselines"]["fp32_storage_bytes"],
         "compression_vs_fp32": report["ratios"]["storage_vs_fp32"],
@@ -382,20 +428,107 @@ def compress_model(
         "density": report["totals"]["density"],
         "convention": convention,
         **frozen_info,
-        "epochs": trainer.epoch,
-        "seconds": round(sum(m.get("seconds", 0.0) for m in result.history), 3),
-        "checkpoint": result.checkpoint,
-        "fp_checkpoint": str(from_checkpoint),
+        "epochs": 0,
+        "seconds": 0.0,
+        **(extra or {}),
         "out": str(out),
-        "seed": config.seed,
     }
-    if trainer.is_main:
+    if write:
         write_json(out / "cost.json", report)
-        (out / "cost.md").write_text(f"# Cost report: {method} on {summary['model']}\n\n```\n"
+        (out / "cost.md").write_text(f"# Cost report: {method} on {model_name}\n\n```\n"
                                      f"{format_table(report)}\n```\n")  # fmt: skip
         (out / "summary.md").write_text(_summary_md(summary))
         write_json(out / "result.json", summary)
     return summary
+
+
+def ptq_model(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    recipe,
+    data: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    calibration=None,
+    calib_images: int = 512,
+    limit_test: int | None = None,
+    convention: str = "operand-width",
+    seed: int = 0,
+    eval_batch_size: int = 512,
+) -> dict[str, Any]:
+    """``lowbit ptq``: post-training quantization of an FP checkpoint with ``recipe`` (a
+    Recipe or a method name), calibrated on ``calib_images`` training images (their labels
+    unused), then frozen, packed and costed like ``compress_model``. Writes OUT/ptq.pt (a
+    QAT checkpoint: ``lowbit eval`` reads it, ``lowbit compress --from`` fine-tunes it),
+    OUT/model.lowbit, the cost report and OUT/result.json."""
+    from . import data as data_mod
+    from .ptq import Calibration, ptq_
+    from .recipes import Recipe, make_recipe
+    from .train import save_checkpoint
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    calib = calibration or Calibration()
+    if calib_images < 1:
+        raise ValueError(f"--calib-images must be at least 1, got {calib_images}")
+    if isinstance(recipe, str):
+        recipe = make_recipe(recipe)
+    elif not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a Recipe or a method name, got {type(recipe).__name__}")
+    net, ckpt = build_from_checkpoint(checkpoint)
+    if ckpt.get("recipe"):
+        raise ValueError(f"{checkpoint} is already compressed; PTQ starts from an FP checkpoint")
+    name = data or (ckpt.get("data") or {}).get("name")
+    if not name:
+        raise ValueError(f"{checkpoint} does not record its data set: pass --data")
+    train_set, test_set = load_splits(name, data_dir, calib_images, limit_test, seed)
+    _check_input_shape(ckpt, train_set, checkpoint, name)
+    dmeta = data_meta(train_set)
+    _, test_tf = transforms_for(dmeta, augment=False)
+    net = net.cpu().eval()
+    fp_acc = evaluate(net, test_set, test_tf, eval_batch_size)["test_accuracy"]
+    images = test_tf(torch.as_tensor(train_set.images))
+    example = torch.zeros(1, *train_set.shape)
+    info = ptq_(net, recipe, images, calib, example_input=example)
+    acc = evaluate(net, test_set, test_tf, eval_batch_size)["test_accuracy"]
+    meta = {
+        "model": ckpt["model"],
+        "data": dmeta,
+        "lowbit_version": __version__,
+        "recipe": recipe.to_dict(),
+        "fp_checkpoint": str(checkpoint),
+        "fp_test_accuracy": fp_acc,
+        "ptq": {k: v for k, v in info.items() if k != "ranges"},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "ptq.pt", {**meta, "state_dict": net.state_dict()})
+    write_json(
+        out / "config.json",
+        {
+            "command": "ptq",
+            "recipe": recipe.to_dict(),
+            "model": ckpt["model"],
+            "data": {**dmeta, "calib_images": calib_images, "limit_test": limit_test,
+                     "data_dir": str(data_dir) if data_dir else None},
+            "from": str(checkpoint),
+            "calibration": calib.to_dict(),
+            "convention": convention,
+            "environment": environment(),
+        },
+    )  # fmt: skip
+    return report_compressed(
+        net, example, test_set, test_tf, out, meta, method=recipe.method,
+        data=data_mod.canonical_name(name), convention=convention, test_accuracy=acc,
+        extra={
+            "ptq": True,
+            "calibration": calib.to_dict(),
+            "calibration_images": info["calibration_images"],
+            "batchnorms_reestimated": info["batchnorms_reestimated"],
+            "checkpoint": str(out / "ptq.pt"),
+            "fp_checkpoint": str(checkpoint),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "seed": seed,
+        },
+    )  # fmt: skip
 
 
 @torch.no_grad()
