@@ -71,7 +71,19 @@ def part_ptq(args) -> dict:
             "compression_vs_fp32": res["compression_vs_fp32"],
             "seconds": res["seconds"],
         })  # fmt: skip
-    return {"fp_checkpoint": fp, "rows": rows}
+    return {"fp_checkpoint": fp, "fp_training": _fp_training(fp), "rows": rows}
+
+
+def _fp_training(ckpt: str) -> dict:
+    """How the FP model was trained (its run's config.json and result.json)."""
+    d = Path(ckpt).parent
+    if not (d / "result.json").is_file():
+        return {}
+    res = json.loads((d / "result.json").read_text())
+    cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    argv = " ".join(cfg.get("environment", {}).get("argv", [])[1:])
+    return {"epochs": res["epochs"], "seconds": res["seconds"], "seed": res["seed"],
+            "test_accuracy": res["test_accuracy"], "command": f"lowbit {argv}"}  # fmt: skip
 
 
 def part_auto(args) -> dict:
@@ -134,6 +146,15 @@ def _md(res: dict) -> str:
             "(per channel) and int8 activations on every layer; 512 calibration images from "
             "the training split; accuracy on the full test set (10,000 images).",
             "",
+            *(
+                [
+                    f"FP training: `{t['command']}` ({t['epochs']} epochs, {t['seconds']:.0f} s, "
+                    f"seed {t['seed']}, test accuracy {100 * t['test_accuracy']:.2f}%).",
+                    "",
+                ]
+                if (t := p.get("fp_training"))
+                else []
+            ),
             "| calibration | FP | PTQ int8 | gap (points) | frozen = PTQ | vs fp32 | seconds |",
             "|---|---|---|---|---|---|---|",
         ]

@@ -101,6 +101,9 @@ DEMO_ROWS: list[tuple[str, Callable[[Path, int, int, bool], dict[str, Any]]]] = 
     ("burn", _burn_row),
     # Bayesian compression (GNJ prior): posterior training with Adam, then pruning and bits
     ("bayes", _method_row("bayes", "lenet5", qat={**_ADAM, "schedule": "constant"}, prior="gnj")),
+    # auto: a codec per layer for a budget of 1/10 of LeNet-5's fp32 bytes (1.72 MB), from
+    # the per-layer sensitivity table (PTQ, 256 calibration + 1,000 held-out train images)
+    ("auto", _method_row("auto", "lenet5", max_bytes=172_000, calib_images=256, holdout=1000)),
 ]
 
 
