@@ -26,7 +26,10 @@ of the training steps) on the cubic schedule of Zhu & Gupta (arXiv 1710.01878), 
 whole non-zeros. ``start="binary"`` (default) keeps the ``k(t)`` largest weights of each
 group while the allowance is above ``k`` (at ``k(t) = n`` every weight is +-Delta);
 ``start="ternary"`` also drops those below Delta/2 then (a dense ternary start). Measured
-on LeNet-300-100, MNIST, 5 FP + 5 QAT epochs, seed 0 (bench/sst.py runs): SST(8, 2)
+on LeNet-300-100, MNIST, 5 FP + 5 QAT epochs, seed 0 (the FP model of ``bench/sst.py
+--part mnist``, then ``lowbit compress --method sst --model lenet300 --data mnist --from
+bench/runs/sst/mnist/fp5/last.pt --epochs 5 --lr 0.01 --weight-decay 1e-4 --method-arg
+...`` for each variant): SST(8, 2)
 97.97% with the binary start, 97.85% ternary start, 97.92% ``threshold=True``, 97.97%
 with ``prune_end=0.3``, 97.90% at QAT lr 0.03 instead of 0.01; (4, 1) 97.75% binary and
 97.75% ternary start: differences within one seed's noise, so the defaults stay simple.
