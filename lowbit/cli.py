@@ -88,7 +88,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("common")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    g.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch")
+    g.add_argument("--threads", type=_positive_int,
+                   help="CPU threads for PyTorch (compare: also timings, default 1)")  # fmt: skip
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
 
 
@@ -126,11 +127,13 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 10) -> None:
         "--optimizer", choices=("sgd", "adam", "adamw"), help="default sgd (adam for sbnn)"
     )
     g.add_argument("--lr", type=float, help="learning rate (default 0.1 SGD, 1e-3 Adam)")
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", type=float, help="default 5e-4")
-    g.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
-    g.add_argument("--warmup-epochs", type=float, default=0.0)
-    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine",
+                   help="learning-rate schedule (default cosine)")  # fmt: skip
+    g.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="epochs of linear learning-rate warm-up (default 0)")  # fmt: skip
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="default 0 (off)")
     g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="0 = off")
     g.add_argument("--grad-clip", type=float, metavar="NORM", help="clip the gradient norm")
     g.add_argument("--no-augment", action="store_true", help="no data augmentation")
@@ -303,17 +306,40 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
+def _compress_job(
+    args: argparse.Namespace, method: str, out, from_checkpoint, options: dict[str, Any]
+) -> dict[str, Any]:
+    """``compress_model``'s keyword arguments from the parsed compress flags (shared by
+    ``lowbit compress`` and ``lowbit compare --run``)."""
     from dataclasses import replace
-
-    from .workflow import compress_model
 
     fp_config = _train_config(args)
     if args.fp_epochs is not None:
         fp_config = replace(fp_config, epochs=args.fp_epochs)
-    qat_config = _train_config(args, _QAT_DEFAULTS.get(args.method))
+    qat_config = _train_config(args, _QAT_DEFAULTS.get(method))
     if qat_config.lr is None:  # fine-tuning from an FP model: a smaller step than training
         qat_config = replace(qat_config, lr=0.01 if qat_config.optimizer == "sgd" else 1e-4)
+    return {
+        "method": method,
+        "model": args.model,
+        "data": args.data,
+        "out": out,
+        "config": qat_config,
+        "data_dir": args.data_dir,
+        "model_kwargs": _parse_kv(args.model_arg, "--model-arg"),
+        "from_checkpoint": from_checkpoint,
+        "fp_config": fp_config,
+        "limit_train": args.limit_train,
+        "limit_test": args.limit_test,
+        "method_options": options,
+        "convention": args.convention,
+        "resume": getattr(args, "resume", False),
+    }
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .workflow import compress_model
+
     options = _parse_kv(args.method_arg, "--method-arg")
     for flag in _METHOD_FLAGS:  # method options with their own flags
         if getattr(args, flag, None) is not None:
@@ -330,23 +356,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise ValueError("give --method (or --recipe FILE)")
     if args.method != "auto" and any(getattr(args, f, None) is not None for f in _METHOD_FLAGS[6:]):
         raise ValueError("--max-* budgets and --candidates go with --method auto")
-    result = compress_model(
-        recipe=recipe,
-        method=args.method,
-        model=args.model,
-        data=args.data,
-        out=args.out,
-        config=qat_config,
-        data_dir=args.data_dir,
-        model_kwargs=_parse_kv(args.model_arg, "--model-arg"),
-        from_checkpoint=getattr(args, "from"),
-        fp_config=fp_config,
-        limit_train=args.limit_train,
-        limit_test=args.limit_test,
-        method_options=options,
-        convention=args.convention,
-        resume=args.resume,
-    )
+    job = _compress_job(args, args.method, args.out, getattr(args, "from"), options)
+    result = compress_model(recipe=recipe, **job)
     fp_acc = result["fp_test_accuracy"]
     text = (
         f"{result['method']} on {result['model']}: test accuracy "
@@ -458,6 +469,73 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the methods a method flag is passed to by ``lowbit compare --run`` (the rest: auto)
+_FLAG_METHODS = {"density": ("sbnn", "bnn-pruned"), "n": ("sst",), "k": ("sst",),
+                 "teacher": ("burn",), "pretrain": ("burn",), "prior": ("bayes",)}  # fmt: skip
+
+
+def _run_compare_jobs(args: argparse.Namespace, valid: Sequence[str]) -> list[str]:
+    """``compare --run``: one FP model (unless --from), then each method's compress job from
+    it into OUT/METHOD. Returns the job folders."""
+    from pathlib import Path
+
+    from .workflow import compress_model, train_model
+
+    methods = [m.strip() for m in args.run.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in (*valid, "fp", "fp32")]
+    if unknown or not methods:
+        raise ValueError(
+            f"--run: unknown method {', '.join(unknown) or '(none)'}; valid: "
+            f"{', '.join(valid)} (and fp: the FP row, always in the report)"
+        )
+    if args.model is None or args.data is None:
+        raise ValueError("--run needs --model and --data")
+    methods = [m for m in dict.fromkeys(methods) if m not in ("fp", "fp32")]
+    if "auto" not in methods and any(getattr(args, f) is not None for f in _METHOD_FLAGS[6:]):
+        raise ValueError("--max-* budgets and --candidates go with auto in --run")
+    out = Path(args.out)
+    start = getattr(args, "from")
+    if start is None and methods:  # every method starts from the same FP model
+        job = _compress_job(args, "fp32", out / "fp", None, {})
+        _stderr(f"lowbit compare: training the FP model into {out / 'fp'}")
+        start = train_model(job["model"], job["data"], job["out"], job["fp_config"],
+                            job["data_dir"], job["model_kwargs"], job["limit_train"],
+                            job["limit_test"])["checkpoint"]  # fmt: skip
+    dirs = []
+    for method in methods:
+        options = {
+            f: getattr(args, f)
+            for f in _METHOD_FLAGS
+            if getattr(args, f) is not None and method in _FLAG_METHODS.get(f, ("auto",))
+        }
+        _stderr(f"lowbit compare: compressing with {method} into {out / method}")
+        compress_model(**_compress_job(args, method, out / method, start, options))
+        dirs.append(str(out / method))
+    return dirs
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .recipes import METHODS, _load_methods
+    from .report import build_report, format_table
+
+    _load_methods()
+    dirs = list(args.dirs)
+    if args.run:
+        valid = sorted(m for m in METHODS if m != "fp32") + ["auto"]
+        dirs += _run_compare_jobs(args, valid)
+    report = build_report(
+        dirs, args.out, latency=not args.no_latency, batch=args.batch, repeats=args.repeats,
+        threads=args.threads or 1, onnx=not args.no_onnx, progress=_stderr,
+    )  # fmt: skip
+    files = ", ".join(Path(f).name for f in report["files"].values())
+    plots = ", ".join(Path(p["path"]).name for p in report["plots"].values())
+    text = f"{format_table(report)}\n\nwritten to {report['out']}: {files}, {plots}"
+    _emit(args, report, text)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
 
@@ -467,6 +545,68 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+
+
+def _add_compress_flags(p: argparse.ArgumentParser, for_compare: bool) -> None:
+    """The model, FP start, method, budget, data and training flags of ``lowbit compress``
+    (also ``lowbit compare``'s, for its --run jobs, where --model and --data are optional)."""
+    from .cost import CONVENTIONS
+
+    model_help = "zoo name or pkg.mod:fn" + (" (needed with --run)" if for_compare else "")
+    p.add_argument("--model", required=not for_compare, help=model_help)
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model option")
+    p.add_argument(
+        "--from",
+        metavar="FP_CKPT",
+        help="start every --run job from this FP checkpoint (default: train one FP model "
+        "into OUT/fp first)"
+        if for_compare
+        else "start from this FP checkpoint",
+    )
+    p.add_argument("--fp-epochs", type=int, help="epochs of the FP run (default: --epochs)")
+    p.add_argument(
+        "--density", type=float, help="target fraction of non-zero weights (sbnn; default 0.05)"
+    )
+    p.add_argument("--n", type=int, help="SST group size (sst; default 8)")
+    p.add_argument("--k", type=int, help="SST non-zeros allowed per group (sst; default 2)")
+    p.add_argument(
+        "--teacher",
+        metavar="CKPT",
+        help="burn: the FP target encoder (a lowbit FP checkpoint; --from is the same)",
+    )
+    p.add_argument(
+        "--pretrain",
+        metavar="NAME",
+        help="burn: pre-train the FP target "
+        "self-supervised first (simclr; the default without --teacher)",
+    )
+    p.add_argument(
+        "--prior", choices=("gnj", "ghs"), help="bayes: group normal-Jeffreys or horseshoe (gnj)"
+    )
+    g = p.add_argument_group(
+        "budget (--method auto)" if not for_compare else "budget (auto in --run)"
+    )
+    g.add_argument("--max-bytes", type=float, help="bytes stored (the packed tensors)")
+    g.add_argument("--max-energy-pj", type=float, help="energy per image, pJ (cost model)")
+    g.add_argument(
+        "--max-latency-ms",
+        type=float,
+        help="lowbit runtime latency on this machine, batch 1, one thread",
+    )
+    g.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="POINTS",
+        help="accuracy drop against the FP model, in points",
+    )
+    g.add_argument(
+        "--candidates", help="codecs to choose from (default int8,int4,ternary,sst-8-2,binary)"
+    )
+    p.add_argument("--convention", choices=CONVENTIONS, default="operand-width",
+                   help="energy accounting (default operand-width)")  # fmt: skip
+    _add_data(p, required=not for_compare)
+    _add_training(p)
+    _add_common(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -562,52 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method-arg", action="append", metavar="KEY=VALUE",
                    help="method option, e.g. packing=base3 (repeatable)")  # fmt: skip
-    p.add_argument("--model", required=True, help="zoo name or pkg.mod:fn")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model option")
-    p.add_argument("--from", metavar="FP_CKPT", help="start from this FP checkpoint")
-    p.add_argument("--fp-epochs", type=int, help="epochs of the FP run (default: --epochs)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted QAT run")
-    p.add_argument(
-        "--density", type=float, help="target fraction of non-zero weights (sbnn; default 0.05)"
-    )
-    p.add_argument("--n", type=int, help="SST group size (sst; default 8)")
-    p.add_argument("--k", type=int, help="SST non-zeros allowed per group (sst; default 2)")
-    p.add_argument(
-        "--teacher",
-        metavar="CKPT",
-        help="burn: the FP target encoder (a lowbit FP checkpoint; --from is the same)",
-    )
-    p.add_argument(
-        "--pretrain",
-        metavar="NAME",
-        help="burn: pre-train the FP target "
-        "self-supervised first (simclr; the default without --teacher)",
-    )
-    p.add_argument(
-        "--prior", choices=("gnj", "ghs"), help="bayes: group normal-Jeffreys or horseshoe (gnj)"
-    )
-    g = p.add_argument_group("budget (--method auto)")
-    g.add_argument("--max-bytes", type=float, help="bytes stored (the packed tensors)")
-    g.add_argument("--max-energy-pj", type=float, help="energy per image, pJ (cost model)")
-    g.add_argument(
-        "--max-latency-ms",
-        type=float,
-        help="lowbit runtime latency on this machine, batch 1, one thread",
-    )
-    g.add_argument(
-        "--max-accuracy-drop",
-        type=float,
-        metavar="POINTS",
-        help="accuracy drop against the FP model, in points",
-    )
-    g.add_argument(
-        "--candidates", help="codecs to choose from (default int8,int4,ternary,sst-8-2,binary)"
-    )
-    p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
-    _add_data(p)
-    _add_training(p)
-    _add_common(p)
+    _add_compress_flags(p, for_compare=False)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser(
@@ -753,6 +850,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--threads", type=_positive_int, default=1, help="threads (default 1)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "compare",
+        help="one report across methods: accuracy, bytes, energy, BOPs, latency, Pareto plots",
+        description=(
+            "Collect compress results (folders with result.json) of one model and data set, "
+            "or run them first with --run, add the FP model's row, time each packed file "
+            "with lowbit's runtime against PyTorch fp32 and ONNX Runtime, and write "
+            "report.md, report.html (self-contained), report.json and Pareto plots of "
+            "accuracy against bytes, energy and latency (PNG) into --out."
+        ),
+    )
+    p.add_argument(
+        "dirs",
+        nargs="*",
+        metavar="DIR",
+        help="output folders of lowbit compress / ptq (each with result.json)",
+    )
+    p.add_argument("--out", required=True, help="report folder (--run jobs go in sub-folders)")
+    p.add_argument(
+        "--run",
+        metavar="METHODS",
+        help="comma-separated methods to compress with first, e.g. sbnn,prom,sst,burn,bayes,"
+        "auto (each into OUT/METHOD, all from one FP model; needs --model and --data)",
+    )
+    g = p.add_argument_group("latency")
+    g.add_argument("--batch", type=_positive_int, default=1,
+                   help="batch size of the timed runs (default 1; --batch-size is the "
+                   "training batch of --run)")  # fmt: skip
+    g.add_argument("--repeats", type=_positive_int, default=20,
+                   help="timed runs per median (default 20)")  # fmt: skip
+    g.add_argument("--no-latency", action="store_true",
+                   help="skip the timings (and the latency plot)")  # fmt: skip
+    g.add_argument("--no-onnx", action="store_true", help="skip ONNX Runtime")
+    _add_compress_flags(p, for_compare=True)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "demo",

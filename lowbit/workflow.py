@@ -625,6 +625,8 @@ def save_checkpoint_packed(
         "storage_bytes": report["totals"]["storage_bytes"],
         "compression_vs_fp32": report["ratios"]["storage_vs_fp32"],
         "energy_vs_fp16": report["ratios"]["energy_vs_fp16"],
+        "energy_pj": report["totals"]["energy_pj"],
+        "bops": report["totals"]["bops"],
     }
 
 
