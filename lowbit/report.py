@@ -164,10 +164,24 @@ def _row(res: dict[str, Any], label: str) -> dict[str, Any]:
     }
 
 
+def _fp_cost(ckpt: str, convention: str) -> dict[str, Any]:
+    """fp32 bytes, energy and BOPs of the FP checkpoint by lowbit's cost model."""
+    import torch
+
+    from .cost import analyze
+    from .train import build_from_checkpoint
+
+    net, meta = build_from_checkpoint(ckpt)
+    shape = (meta.get("model") or {}).get("input_shape")
+    example = torch.zeros(1, *shape) if shape else None
+    return analyze(net.cpu().eval(), example, convention=convention)["totals"]
+
+
 def _fp_rows(results: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     """One FP row per FP model the results started from (usually one): its accuracy as the
-    results record it, fp32 bytes and energy from the cost model, and a packed fp32 file
-    (OUT/fp32*.lowbit) from its checkpoint for the timings when the checkpoint is there."""
+    results record it; fp32 bytes, energy and BOPs by the cost model on its checkpoint (else
+    the fp32 baselines the first result records); a packed fp32 file of it
+    (OUT/fp32*.lowbit) for the timings."""
     from .workflow import save_checkpoint_packed
 
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -181,9 +195,8 @@ def _fp_rows(results: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     for i, group in enumerate(groups.values()):
         res = group[0]
         e32 = res["energy_pj"] * res["energy_vs_fp32"] if res.get("energy_vs_fp32") else None
-        name = "fp32" if len(groups) == 1 else f"fp32 ({Path(res['dir']).name})"
         row = {
-            "label": name,
+            "label": "fp32" if len(groups) == 1 else f"fp32 ({Path(res['dir']).name})",
             "kind": "fp",
             "method": "fp32",
             "dir": res["dir"],
@@ -193,7 +206,6 @@ def _fp_rows(results: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
             "storage_bytes": res.get("fp32_storage_bytes"),
             "compression_vs_fp32": 1.0,
             "energy_pj": e32,
-            "energy_uj": None if e32 is None else e32 / 1e6,
             "bops": None,
             "packed": None,
             "packed_bytes": None,
@@ -202,11 +214,18 @@ def _fp_rows(results: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
         if ckpt and Path(ckpt).is_file():
             path = out / ("fp32.lowbit" if len(groups) == 1 else f"fp32-{i}.lowbit")
             try:
+                cost = _fp_cost(ckpt, res.get("convention") or "operand-width")
                 saved = save_checkpoint_packed(ckpt, path)
             except (LowbitError, ValueError, KeyError, RuntimeError) as e:
-                row["note"] = f"FP checkpoint {ckpt} could not be packed for timing: {e}"
+                row["note"] = f"FP checkpoint {ckpt} could not be costed and packed: {e}"
             else:
-                row.update(packed=saved["path"], packed_bytes=saved["bytes"], bops=saved["bops"])
+                row.update(storage_bytes=cost["storage_bytes"], energy_pj=cost["energy_pj"],
+                           bops=cost["bops"], packed=saved["path"],
+                           packed_bytes=saved["bytes"])  # fmt: skip
+        else:
+            row["note"] = (f"FP checkpoint {ckpt} not found: the FP row has the fp32 baselines "
+                           f"{res['dir']} records, no BOPs and no timing")  # fmt: skip
+        row["energy_uj"] = None if row["energy_pj"] is None else row["energy_pj"] / 1e6
         rows.append(row)
     return rows
 
