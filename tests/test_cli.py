@@ -1,6 +1,7 @@
 """The command line: JSON contract, error behaviour, help, train -> eval."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,17 @@ def test_models_lists_the_zoo(capsys):
             "mobilenetv2_224"} <= names  # fmt: skip
 
 
-@pytest.mark.parametrize("cmd", ["models", "train", "eval", "demo"])
+COMMANDS = ["models", "train", "eval", "analyze", "compress", "ptq", "sensitivity", "save",
+            "run", "bench", "compare", "demo"]  # fmt: skip
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(re.search(rf"^\s+{c}\b", listed, re.M) for c in COMMANDS)
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
 def test_help(cmd, capsys):
     assert main([cmd, "--help"]) == 0
     assert "usage: lowbit" in capsys.readouterr().out

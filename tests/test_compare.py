@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,12 @@ def test_no_latency_report_from_given_folders(compared, tmp_path):
     assert {p.name for p in (tmp_path / "r").iterdir()} >= {
         "report.md", "report.html", "report.json", "accuracy_vs_bytes.png"}  # fmt: skip
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_python_m_lowbit_runs_the_cli():
+    done = subprocess.run([sys.executable, "-m", "lowbit", "compare", "--help"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and "--run METHODS" in done.stdout and "--repeats" in done.stdout
 
 
 def _chromium() -> str | None:
