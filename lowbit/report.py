@@ -177,6 +177,21 @@ def _fp_cost(ckpt: str, convention: str) -> dict[str, Any]:
     return analyze(net.cpu().eval(), example, convention=convention)["totals"]
 
 
+def _find_fp_checkpoint(res: dict[str, Any]) -> str | None:
+    """The FP checkpoint a result records, resolved: as written (relative paths are relative
+    to where compress ran), else below one of the result folder's parents."""
+    recorded = res.get("fp_checkpoint")
+    if not recorded:
+        return None
+    if Path(recorded).is_file():
+        return str(Path(recorded).resolve())
+    if not Path(recorded).is_absolute():
+        for parent in Path(res["dir"]).resolve().parents:
+            if (parent / recorded).is_file():
+                return str(parent / recorded)
+    return None
+
+
 def _fp_rows(results: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     """One FP row per FP model the results started from (usually one): its accuracy as the
     results record it; fp32 bytes, energy and BOPs by the cost model on its checkpoint (else
@@ -188,8 +203,9 @@ def _fp_rows(results: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     for res in results:
         if res.get("fp_test_accuracy") is None:
             continue
-        ckpt = res.get("fp_checkpoint")
-        key = str(Path(ckpt).resolve()) if ckpt else f"{res['dir']}#fp"
+        ckpt = _find_fp_checkpoint(res)
+        res = {**res, "fp_checkpoint": ckpt or res.get("fp_checkpoint")}
+        key = ckpt or f"{res['dir']}#{res.get('fp_checkpoint')}"
         groups.setdefault(key, []).append(res)
     rows = []
     for i, group in enumerate(groups.values()):
