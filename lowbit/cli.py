@@ -118,6 +118,25 @@ def _add_data(p: argparse.ArgumentParser, required: bool = True, train: bool = T
     )
 
 
+def _add_sweep(g, workers_default: int | None) -> None:
+    """--workers / --ray: where the sensitivity sweep's (layer, codec) PTQ runs go."""
+    g.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=workers_default,
+        metavar="N",
+        help="run the (layer, codec) PTQ jobs in N local processes, each with its share of "
+        "the threads (default 1: in this process); latency is still timed in this process",
+    )
+    g.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run those jobs on Ray instead: auto (this machine's cluster), HOST:PORT or "
+        "ray://HOST:PORT (a cluster), or local (start one here, --workers CPUs); needs "
+        "pip install 'lowbit[ray]' and lowbit on every node",
+    )
+
+
 def _add_training(p: argparse.ArgumentParser, epochs: int = 10) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
@@ -140,8 +159,10 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 10) -> None:
 #: QAT settings a method trains best with, used where the user gives none (SBNN follows
 #: its paper: Adam, lr 1e-3, no weight decay)
 #: compress options that have their own flag (--density, --n, ...) besides --method-arg
-_METHOD_FLAGS = ("density", "n", "k", "teacher", "pretrain", "prior", "max_bytes",
-                 "max_energy_pj", "max_latency_ms", "max_accuracy_drop", "candidates")  # fmt: skip
+_METHOD_FLAGS = ("density", "n", "k", "teacher", "pretrain", "prior")
+#: ... and those that only --method auto takes: its budgets, candidates, where its sweep runs
+_BUDGET_FLAGS = ("max_bytes", "max_energy_pj", "max_latency_ms", "max_accuracy_drop",
+                 "candidates", "workers", "ray")  # fmt: skip
 
 _QAT_DEFAULTS: dict[str, dict[str, Any]] = {
     "sbnn": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
@@ -315,7 +336,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if qat_config.lr is None:  # fine-tuning from an FP model: a smaller step than training
         qat_config = replace(qat_config, lr=0.01 if qat_config.optimizer == "sgd" else 1e-4)
     options = _parse_kv(args.method_arg, "--method-arg")
-    for flag in _METHOD_FLAGS:  # method options with their own flags
+    for flag in (*_METHOD_FLAGS, *_BUDGET_FLAGS):  # method options with their own flags
         if getattr(args, flag, None) is not None:
             options[flag] = getattr(args, flag)
     recipe = None
@@ -328,8 +349,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         args.method = recipe.method
     elif args.method is None:
         raise ValueError("give --method (or --recipe FILE)")
-    if args.method != "auto" and any(getattr(args, f, None) is not None for f in _METHOD_FLAGS[6:]):
-        raise ValueError("--max-* budgets and --candidates go with --method auto")
+    if args.method != "auto" and any(getattr(args, f, None) is not None for f in _BUDGET_FLAGS):
+        raise ValueError("--max-* budgets, --candidates, --workers and --ray go with --method auto")
     result = compress_model(
         recipe=recipe,
         method=args.method,
@@ -409,7 +430,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         calib_images=args.calib_images, holdout=args.holdout,
         calibration=Calibration(method=args.calibration), convention=args.convention,
         latency=not args.no_latency, repeats=args.repeats, seed=args.seed,
-        progress=not args.json,
+        progress=not args.json, workers=args.workers, ray_address=args.ray,
     )  # fmt: skip
     text = f"{format_table(result)}\n\nwritten to {result['out']} (plot: {result['plot']})"
     _emit(args, result, text)
@@ -604,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--candidates", help="codecs to choose from (default int8,int4,ternary,sst-8-2,binary)"
     )
+    _add_sweep(p.add_argument_group("where the sensitivity pass runs (--method auto)"), None)
     p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
     _add_data(p)
     _add_training(p)
@@ -704,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=20,
                    help="runs per latency median (default 20)")  # fmt: skip
     p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
+    _add_sweep(p.add_argument_group("where the PTQ runs go"), 1)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="data set (default: the checkpoint's)")
     g.add_argument("--data-dir", help="folder with one sub-folder per data set")
