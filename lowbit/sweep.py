@@ -188,17 +188,54 @@ def _connect_ray(ray, address: str, workers: int) -> bool:
     if ray.is_initialized():
         return False  # the caller's own ray.init() stays as it is
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if address == "local":
+    if address == "local":  # Ray's "local": a new instance even where a cluster is known
         if workers > 1:
             kwargs["num_cpus"] = workers
     else:
-        kwargs["address"] = address
+        _check_reachable(_resolve_auto(address) if address == "auto" else address)
+    kwargs["address"] = address
     try:
         ray.init(**kwargs)
     except Exception as e:  # ConnectionError, RuntimeError, ValueError by Ray version
-        where = "start a local Ray instance" if address == "local" else f"reach Ray at {address}"
-        raise SweepError(f"cannot {where}: {type(e).__name__}: {e}") from None
+        if address == "local":
+            raise SweepError(
+                f"cannot start a local Ray instance: {type(e).__name__}: {e}"
+            ) from None
+        raise SweepError(
+            f"cannot connect to Ray at {address}: {type(e).__name__}: {e} (this machine's Ray "
+            "must match the cluster's version, and a cluster with token authentication needs "
+            "its token: see Ray's docs, ray-security/token-auth)"
+        ) from None
     return True
+
+
+def _resolve_auto(address: str) -> str:
+    """The HOST:PORT "auto" stands for ($RAY_ADDRESS, else the last `ray start` on this
+    machine), or "auto" when unknown. Ray's own lookup is private API: any failure of it
+    only skips the check."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        found = canonicalize_bootstrap_address(address)
+    except Exception:
+        return address
+    return found if isinstance(found, str) and found else address
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A TCP connection to HOST:PORT first: Ray itself retries an unreachable head node
+    for minutes before it gives up."""
+    import socket
+
+    if address == "auto":
+        return  # no cluster recorded: Ray says so at once
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise SweepError(f"--ray {address!r}: expected auto, local, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise SweepError(f"cannot reach Ray at {address}: {e}") from None
 
 
 def _ray_call(fn: Callable, shared: Any, index: int, job: Any) -> tuple[bool, Any]:

@@ -83,6 +83,12 @@ def test_sensitivity_is_the_same_serial_in_processes_and_on_ray():
     assert not ray.is_initialized()  # the instance it started is shut down
 
 
+def test_an_unreachable_cluster_is_one_clear_error():
+    _ray()
+    with pytest.raises(SweepError, match="cannot reach Ray at 127.0.0.1:1"):
+        run_jobs(abs, [1], ray_address="127.0.0.1:1", progress=False)
+
+
 def test_ray_runs_jobs_in_order_and_names_a_failing_one():
     ray = _ray()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
