@@ -287,7 +287,7 @@ def compress_auto(
         from_checkpoint, out / "sensitivity", data=data, data_dir=data_dir, candidates=cands,
         calib_images=int(opts.get("calib_images", 256)), holdout=int(opts.get("holdout", 1000)),
         convention=convention, latency=budget.max_latency_ms is not None, seed=config.seed,
-        workers=int(opts.get("workers") or 1), ray_address=opts.get("ray"),
+        workers=int(opts.get("workers", 1)), ray_address=opts.get("ray"),
     )  # fmt: skip
     chosen = plan(sens, budget)
     write_json(out / "plan.json", chosen)
