@@ -75,7 +75,9 @@ def _unwrap(index: int, job: Any, outcome: tuple[bool, Any]) -> Any:
     if ok:
         return value
     message, tb = value
-    raise SweepError(f"{_label(index, job)} failed: {message}", tb)
+    err = SweepError(f"{_label(index, job)} failed: {message}", tb)
+    err.add_note(f"the job's traceback:\n{tb}")  # shown with LOWBIT_DEBUG=1
+    raise err
 
 
 def run_jobs(
