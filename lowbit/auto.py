@@ -262,13 +262,15 @@ def compress_auto(
     ``lowbit.workflow.compress_model`` (which dispatches here) plus ``budget`` and
     ``plan``. ``method_options``: the budget (max_bytes, max_energy_pj, max_latency_ms,
     max_accuracy_drop), ``candidates`` (comma-separated codecs), ``calib_images``,
-    ``holdout``."""
+    ``holdout``, and where the sensitivity pass runs: ``workers`` (local processes) or
+    ``ray`` (a Ray address; see ``lowbit.sweep``)."""
     from .sensitivity import run_sensitivity
     from .utils import atomic_write, write_json
     from .workflow import compress_model, train_model
 
     opts = dict(method_options or {})
-    known = set(_RES.values()) | {"max_accuracy_drop", "candidates", "calib_images", "holdout"}
+    known = set(_RES.values()) | {"max_accuracy_drop", "candidates", "calib_images", "holdout",
+                                  "workers", "ray"}  # fmt: skip
     unknown = sorted(set(opts) - known)
     if unknown:
         raise ValueError(f"unknown auto option(s) {unknown}; valid: {', '.join(sorted(known))}")
@@ -285,6 +287,7 @@ def compress_auto(
         from_checkpoint, out / "sensitivity", data=data, data_dir=data_dir, candidates=cands,
         calib_images=int(opts.get("calib_images", 256)), holdout=int(opts.get("holdout", 1000)),
         convention=convention, latency=budget.max_latency_ms is not None, seed=config.seed,
+        workers=int(opts.get("workers", 1)), ray_address=opts.get("ray"),
     )  # fmt: skip
     chosen = plan(sens, budget)
     write_json(out / "plan.json", chosen)

@@ -119,6 +119,25 @@ def _add_data(p: argparse.ArgumentParser, required: bool = True, train: bool = T
     )
 
 
+def _add_sweep(g, workers_default: int | None) -> None:
+    """--workers / --ray: where the sensitivity sweep's (layer, codec) PTQ runs go."""
+    g.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=workers_default,
+        metavar="N",
+        help="run the (layer, codec) PTQ jobs in N local processes, each with its share of "
+        "the threads (default 1: in this process); latency is still timed in this process",
+    )
+    g.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run those jobs on Ray instead: auto (this machine's cluster), HOST:PORT or "
+        "ray://HOST:PORT (a cluster), or local (start one here, --workers CPUs); needs "
+        "pip install 'lowbit[ray]' and lowbit on every node",
+    )
+
+
 def _add_training(p: argparse.ArgumentParser, epochs: int = 10) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
@@ -143,8 +162,10 @@ def _add_training(p: argparse.ArgumentParser, epochs: int = 10) -> None:
 #: QAT settings a method trains best with, used where the user gives none (SBNN follows
 #: its paper: Adam, lr 1e-3, no weight decay)
 #: compress options that have their own flag (--density, --n, ...) besides --method-arg
-_METHOD_FLAGS = ("density", "n", "k", "teacher", "pretrain", "prior", "max_bytes",
-                 "max_energy_pj", "max_latency_ms", "max_accuracy_drop", "candidates")  # fmt: skip
+_METHOD_FLAGS = ("density", "n", "k", "teacher", "pretrain", "prior")
+#: ... and those that only --method auto takes: its budgets, candidates, where its sweep runs
+_BUDGET_FLAGS = ("max_bytes", "max_energy_pj", "max_latency_ms", "max_accuracy_drop",
+                 "candidates", "workers", "ray")  # fmt: skip
 
 _QAT_DEFAULTS: dict[str, dict[str, Any]] = {
     "sbnn": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
@@ -341,7 +362,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .workflow import compress_model
 
     options = _parse_kv(args.method_arg, "--method-arg")
-    for flag in _METHOD_FLAGS:  # method options with their own flags
+    for flag in (*_METHOD_FLAGS, *_BUDGET_FLAGS):  # method options with their own flags
         if getattr(args, flag, None) is not None:
             options[flag] = getattr(args, flag)
     recipe = None
@@ -354,8 +375,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         args.method = recipe.method
     elif args.method is None:
         raise ValueError("give --method (or --recipe FILE)")
-    if args.method != "auto" and any(getattr(args, f, None) is not None for f in _METHOD_FLAGS[6:]):
-        raise ValueError("--max-* budgets and --candidates go with --method auto")
+    if args.method != "auto" and any(getattr(args, f, None) is not None for f in _BUDGET_FLAGS):
+        raise ValueError("--max-* budgets, --candidates, --workers and --ray go with --method auto")
     job = _compress_job(args, args.method, args.out, getattr(args, "from"), options)
     result = compress_model(recipe=recipe, **job)
     fp_acc = result["fp_test_accuracy"]
@@ -420,7 +441,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         calib_images=args.calib_images, holdout=args.holdout,
         calibration=Calibration(method=args.calibration), convention=args.convention,
         latency=not args.no_latency, repeats=args.repeats, seed=args.seed,
-        progress=not args.json,
+        progress=not args.json, workers=args.workers, ray_address=args.ray,
     )  # fmt: skip
     text = f"{format_table(result)}\n\nwritten to {result['out']} (plot: {result['plot']})"
     _emit(args, result, text)
@@ -491,8 +512,8 @@ def _run_compare_jobs(args: argparse.Namespace, valid: Sequence[str]) -> list[st
     if args.model is None or args.data is None:
         raise ValueError("--run needs --model and --data")
     methods = [m for m in dict.fromkeys(methods) if m not in ("fp", "fp32")]
-    if "auto" not in methods and any(getattr(args, f) is not None for f in _METHOD_FLAGS[6:]):
-        raise ValueError("--max-* budgets and --candidates go with auto in --run")
+    if "auto" not in methods and any(getattr(args, f) is not None for f in _BUDGET_FLAGS):
+        raise ValueError("--max-* budgets, --candidates, --workers and --ray go with auto in --run")
     out = Path(args.out)
     start = getattr(args, "from")
     if start is None and methods:  # every method starts from the same FP model
@@ -505,7 +526,7 @@ def _run_compare_jobs(args: argparse.Namespace, valid: Sequence[str]) -> list[st
     for method in methods:
         options = {
             f: getattr(args, f)
-            for f in _METHOD_FLAGS
+            for f in (*_METHOD_FLAGS, *_BUDGET_FLAGS)
             if getattr(args, f) is not None and method in _FLAG_METHODS.get(f, ("auto",))
         }
         _stderr(f"lowbit compare: compressing with {method} into {out / method}")
@@ -601,6 +622,13 @@ def _add_compress_flags(p: argparse.ArgumentParser, for_compare: bool) -> None:
     )
     g.add_argument(
         "--candidates", help="codecs to choose from (default int8,int4,ternary,sst-8-2,binary)"
+    )
+    _add_sweep(
+        p.add_argument_group(
+            "where the sensitivity pass runs "
+            + ("(auto in --run)" if for_compare else "(--method auto)")
+        ),
+        None,
     )
     p.add_argument("--convention", choices=CONVENTIONS, default="operand-width",
                    help="energy accounting (default operand-width)")  # fmt: skip
@@ -801,6 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=20,
                    help="runs per latency median (default 20)")  # fmt: skip
     p.add_argument("--convention", choices=CONVENTIONS, default="operand-width")
+    _add_sweep(p.add_argument_group("where the PTQ runs go"), 1)
     g = p.add_argument_group("data")
     g.add_argument("--data", help="data set (default: the checkpoint's)")
     g.add_argument("--data-dir", help="folder with one sub-folder per data set")

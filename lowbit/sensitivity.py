@@ -18,6 +18,13 @@ SST (8, 2), binary, fixed point, ...; see ``lowbit.ptq.parse_weight_codec``):
   the same with every layer on the candidate: one frozen, packed model per candidate.
   Times are measured inside whole-model runs, so they include cache effects of the
   neighbours; a layer the runtime cannot run with the candidate gets ``None``.
+
+The (layer, candidate) PTQ runs are independent jobs (``lowbit.sweep``): in this process,
+in local worker processes (``workers``) or on a Ray cluster (``ray_address``), with the
+same table in every case (the runs are deterministic and the FP model, calibration and
+held-out images are the same). Latency is measured only in this process, before the
+jobs start: a timing taken while other processes share the cores says little about the
+model.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch
 from torch import nn
 
 from .ptq import Calibration, calibrate_activations, correct_batchnorm, parse_weight_codec
+from .sweep import run_jobs
 
 __all__ = ["DEFAULT_CANDIDATES", "layer_sensitivity", "run_sensitivity", "format_table", "plot"]
 
@@ -132,11 +140,18 @@ def layer_sensitivity(
     latency: bool = True,
     repeats: int = 20,
     progress: bool = True,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """The sensitivity table of ``fp_model`` (float, eval mode; inputs normalized). Returns
     ``{"fp_accuracy", "candidates", "rows": [...], "skipped": [...]}``; each row: layer,
     candidate, accuracy, drop (points), bytes, bytes_saved, energy_pj, energy_saved_pj,
-    latency_ms, latency_saved_ms (None without ``latency``)."""
+    latency_ms, latency_saved_ms (None without ``latency``).
+
+    ``workers`` / ``ray_address``: where the (layer, candidate) PTQ runs go (see
+    ``lowbit.sweep.run_jobs``); the table is the same wherever they run. Latencies are
+    always measured in this process, before any worker starts: timings taken while other
+    processes share the cores would be meaningless."""
     calib = calibration or Calibration()
     codecs = {c: parse_weight_codec(c) for c in candidates}
     fp_model = copy.deepcopy(fp_model).cpu().eval()
@@ -155,36 +170,35 @@ def layer_sensitivity(
             except Exception as e:  # a codec pair the runtime has no kernel for
                 lats[cand] = {}
                 skipped.append({"candidate": cand, "latency": f"{type(e).__name__}: {e}"})
+    # the (layer, candidate) PTQ runs are independent jobs: serial, local processes or Ray
+    # (lowbit.sweep); latencies above were measured here before any worker started
+    jobs = [(name, cand) for name in names for cand in codecs]
+    shared = {"model": fp_model, "codecs": codecs, "calib_images": calib_images,
+              "holdout_images": holdout_images, "holdout_labels": holdout_labels,
+              "calibration": calib}  # fmt: skip
+    outcomes = run_jobs(_layer_job, jobs, workers, ray_address, progress, shared=shared,
+                        desc="sensitivity")  # fmt: skip
     rows: list[dict[str, Any]] = []
-    bar = _bar(len(names) * len(codecs), progress)
-    for name in names:
-        for cand, codec in codecs.items():
-            t0 = time.perf_counter()
-            try:
-                net = _ptq_copy(fp_model, _one_layer_recipe(name, codec), calib_images,
-                                example, calib)  # fmt: skip
-            except ValueError as e:  # e.g. SST on a layer whose fan-in the groups cannot cut
-                skipped.append({"layer": name, "candidate": cand, "reason": str(e)})
-                bar.update(1)
-                continue
-            acc = _accuracy(net, holdout_images, holdout_labels)
-            b0, b1 = base_cost.get(name, {}), costs[cand].get(name, {})
-            l0, l1 = base_lat.get(name), lats.get(cand, {}).get(name)
-            rows.append({
-                "layer": name,
-                "candidate": cand,
-                "accuracy": acc,
-                "drop": 100.0 * (fp_acc - acc),
-                "bytes": b1.get("bytes"),
-                "bytes_saved": _diff(b0.get("bytes"), b1.get("bytes")),
-                "energy_pj": b1.get("energy_pj"),
-                "energy_saved_pj": _diff(b0.get("energy_pj"), b1.get("energy_pj")),
-                "latency_ms": l1,
-                "latency_saved_ms": _diff(l0, l1),
-                "seconds": round(time.perf_counter() - t0, 3),
-            })  # fmt: skip
-            bar.update(1)
-    bar.close()
+    for (name, cand), got in zip(jobs, outcomes):
+        if "skipped" in got:
+            skipped.append({"layer": name, "candidate": cand, "reason": got["skipped"]})
+            continue
+        acc = got["accuracy"]
+        b0, b1 = base_cost.get(name, {}), costs[cand].get(name, {})
+        l0, l1 = base_lat.get(name), lats.get(cand, {}).get(name)
+        rows.append({
+            "layer": name,
+            "candidate": cand,
+            "accuracy": acc,
+            "drop": 100.0 * (fp_acc - acc),
+            "bytes": b1.get("bytes"),
+            "bytes_saved": _diff(b0.get("bytes"), b1.get("bytes")),
+            "energy_pj": b1.get("energy_pj"),
+            "energy_saved_pj": _diff(b0.get("energy_pj"), b1.get("energy_pj")),
+            "latency_ms": l1,
+            "latency_saved_ms": _diff(l0, l1),
+            "seconds": got["seconds"],
+        })  # fmt: skip
     return {
         "fp_accuracy": fp_acc,
         "candidates": list(codecs),
@@ -204,15 +218,24 @@ def layer_sensitivity(
     }
 
 
+def _layer_job(shared: dict[str, Any], job: tuple[str, str]) -> dict[str, Any]:
+    """One sweep job: accuracy on the held-out split with only layer ``job[0]`` on
+    candidate ``job[1]`` (``{"skipped": reason}`` when the codec cannot take the layer)."""
+    name, cand = job
+    t0 = time.perf_counter()
+    calib_images = shared["calib_images"]
+    recipe = _one_layer_recipe(name, shared["codecs"][cand])
+    try:
+        net = _ptq_copy(shared["model"], recipe, calib_images, calib_images[:1],
+                        shared["calibration"])  # fmt: skip
+    except ValueError as e:  # e.g. SST on a layer whose fan-in the groups cannot cut
+        return {"skipped": str(e)}
+    acc = _accuracy(net, shared["holdout_images"], shared["holdout_labels"])
+    return {"accuracy": acc, "seconds": round(time.perf_counter() - t0, 3)}
+
+
 def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
-
-
-def _bar(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="sensitivity", unit="layer-codec", disable=not enabled or None,
-                leave=False)  # fmt: skip
 
 
 def _fmt(v, spec: str) -> str:
@@ -293,6 +316,8 @@ def run_sensitivity(
     repeats: int = 20,
     seed: int = 0,
     progress: bool = True,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """``lowbit sensitivity``: the table for an FP checkpoint, written to OUT
     (sensitivity.json, sensitivity.md, sensitivity.png). The first ``calib_images`` of a
@@ -328,7 +353,7 @@ def run_sensitivity(
     t0 = time.perf_counter()
     result = layer_sensitivity(
         net, x[:calib_images], x[calib_images:], y[calib_images:], candidates, calibration,
-        convention, latency, repeats, progress,
+        convention, latency, repeats, progress, workers, ray_address,
     )  # fmt: skip
     result = {
         "model": ckpt["model"]["name"],
