@@ -164,7 +164,9 @@ def accuracy(task: str, presets, args) -> dict:
     rows = []
     for n, k in presets:
         res = compress_model(
-            "sst", model, data, root / f"sst-{n}-{k}", cfg(qat, args.qat_lr),
+            # one folder per setting: a resumed run must never pick up another's checkpoint
+            "sst", model, data, root / f"sst-{n}-{k}-fp{fp1}-qat{qat}-lr{args.qat_lr:g}",
+            cfg(qat, args.qat_lr),
             from_checkpoint=fp_start["checkpoint"], method_options={"n": n, "k": k},
             resume=True,
         )  # fmt: skip
@@ -277,7 +279,37 @@ def markdown(res: dict) -> str:
                 f"{'' if ag is None else f'{100 * ag:.2f}%'} | x{r['compression_vs_fp32']:.1f} |"
             )
         out.append("")
+        tried = res.get(f"{task}_tried", [])
+        if len(tried) > 1:
+            out += [
+                f"Every setting tried on {title} (same seed; each its own command):",
+                "",
+                "| FP + QAT epochs | QAT lr | preset | FP ref | SST | gap |",
+                "|---|---|---|---|---|---|",
+            ]
+            for t in tried:
+                out.append(
+                    f"| {t['fp_epochs']} + {t['qat_epochs']} | {t['qat_lr']} | "
+                    f"({t['n']}, {t['k']}) | {100 * t['fp_reference']:.2f}% | "
+                    f"{100 * t['test_accuracy']:.2f}% | "
+                    f"{100 * (t['fp_reference'] - t['test_accuracy']):.2f} pts |"
+                )
+            out.append("")
     return "\n".join(out)
+
+
+def _remember(res: dict, task: str) -> None:
+    """Keep one line per setting ever run (the latest run of a command replaces its line),
+    so the table of settings tried shows every split and learning rate, not just the last."""
+    a = res[task]
+    ref = a["same_budget_fp_test_accuracy"]
+    tried = [t for t in res.get(f"{task}_tried", []) if t["command"] != a["command"]]
+    for r in a["rows"]:
+        tried.append({"command": a["command"], "n": r["n"], "k": r["k"],
+                      "fp_epochs": a["fp_epochs"], "qat_epochs": a["qat_epochs"],
+                      "qat_lr": a["qat_lr"], "fp_reference": ref,
+                      "test_accuracy": r["test_accuracy"]})  # fmt: skip
+    res[f"{task}_tried"] = tried
 
 
 def main() -> None:
@@ -309,6 +341,7 @@ def main() -> None:
                 sys.exit("set LOWBIT_DATA to the folder holding mnist/ and cifar10/")
             res[task] = accuracy(task, presets, args)
             res[task]["wall_seconds_this_call"] = round(time.perf_counter() - t0, 1)
+            _remember(res, task)
     write_json(RESULTS, res)
     md = markdown(res)
     (HERE / "results" / "sst.md").write_text(md + "\n")
