@@ -211,6 +211,9 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(
         _cli(*common, "--out", "cut"), cwd=tmp_path, env={**env, "PAUSE_AT": "18"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a suite started in the background (`cmd &`) inherits SIGINT ignored, and Python
+        # then never raises KeyboardInterrupt: give the child the default disposition back
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.time() + 120
     while not (tmp_path / "paused.flag").exists():
