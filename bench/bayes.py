@@ -69,6 +69,15 @@ def main() -> None:
                     help="bayes option lr_scale (default: the method's)")  # fmt: skip
     ap.add_argument("--finetune", type=int, default=0,
                     help="bayes option finetune_epochs: epochs with the mask fixed")  # fmt: skip
+    ap.add_argument(
+        "--thresholds5",
+        help="per-layer pruning thresholds of the LeNet-5 runs, "
+        "e.g. 'fc2=-4' (bayes option thresholds; default: -3 everywhere)",
+    )
+    ap.add_argument(
+        "--thresholds300",
+        help="the same for LeNet-300-100; the authors used 'fc1=-2.8,fc2=-3,fc3=-5'",
+    )
     ap.add_argument("--all", action="store_true", help="also lenet300 with the GHS prior")
     ap.add_argument("--only", help="comma-separated run names to do now (others: re-read)")
     ap.add_argument("--seed", type=int, default=0)
@@ -95,11 +104,17 @@ def main() -> None:
     results_path = res_dir / "bayes.json"
     previous = {}
     if results_path.exists():
-        previous = {r["run"]: r for r in json.loads(results_path.read_text()).get("results", [])}
+        old = json.loads(results_path.read_text())
+        previous = {r["run"]: r for r in old.get("results", [])}
+        for r in previous.values():  # rows written before each row recorded its FP start
+            r.setdefault("fp_start", old.get("fp", {}).get(r["model"]))
 
     fps = {}
-    for model in sorted({m for _, m, _ in runs}):
-        d = root / f"fp-{model}"
+    todo = [r for r in runs if only is None or r[0] in only]
+    for model in sorted({m for _, m, _ in todo}):
+        # one FP start per model and FP budget, so a rerun at another --fp-epochs does not
+        # overwrite the start the other rows came from
+        d = root / (f"fp-{model}" if args.fp_epochs == 3 else f"fp-{model}-{args.fp_epochs}ep")
         if not _done(d / "last.pt", args.fp_epochs):
             cfg = TrainConfig(epochs=args.fp_epochs, batch_size=128, optimizer="adam", lr=1e-3,
                               weight_decay=0.0, seed=args.seed, progress=progress)  # fmt: skip
@@ -117,8 +132,12 @@ def main() -> None:
                 results.append(previous[name])
             continue
         epochs = args.epochs5 if model == "lenet5" else args.epochs300
-        out = root / name
         opts = {"prior": prior}
+        thr = args.thresholds5 if model == "lenet5" else args.thresholds300
+        out = root / name
+        if thr:  # another pruning rule: its own run folder (the mask is set before fine-tuning)
+            opts["thresholds"] = thr
+            out = root / (name + "-thr" + thr.replace("=", "").replace(",", "_"))
         if args.lr_scale is not None:
             opts["lr_scale"] = args.lr_scale
         if args.finetune:
@@ -135,6 +154,7 @@ def main() -> None:
         t = TARGETS[model]
         results.append({
             "run": name, "model": model, "prior": prior, "options": opts, "seed": args.seed,
+            "fp_start": fps[model],
             "epochs": r["epochs"], "finetune_epochs": r.get("finetune_epochs", 0),
             "seconds": r["seconds"], "threads": args.threads,
             "command": "LOWBIT_DATA=../shared/data python " + " ".join(sys.argv),
@@ -182,7 +202,7 @@ def _speed(out: Path, model: str, args, limits) -> dict:
 def _write(res_dir, args, fps, results, limits) -> None:
     payload = {
         "command": "LOWBIT_DATA=../shared/data python " + " ".join(sys.argv),
-        "data": "mnist", "fp": fps, "seed": args.seed, "threads": args.threads, **limits,
+        "data": "mnist", "seed": args.seed, "threads": args.threads, **limits,
         "training": "Adam 1e-3 constant, batch 128, no weight decay, KL / N_train, from the FP "
         "weights", "results": results,
     }  # fmt: skip
@@ -194,9 +214,9 @@ def _markdown(d) -> str:
     lines = [
         "# Bayesian compression on MNIST", "",
         f"{d['training']}; {d['threads']} thread(s), seed "
-        f"{d['seed']}. FP starts: " + ", ".join(
-            f"{m} {v['epochs']} epochs ({100 * v['test_accuracy']:.2f}%, {v['seconds']:.0f} s)"
-            for m, v in d["fp"].items()) + ".", "",
+        f"{d['seed']}. FP starts (Adam 1e-3; each row names its own): " + ", ".join(
+            f"{r['run']} from {r['model']} {v['epochs']} epochs ({100 * v['test_accuracy']:.2f}%, "
+            f"{v['seconds']:.0f} s)" for r in d["results"] for v in [r["fp_start"]]) + ".", "",
         "Epochs include the fine-tuning epochs with the mask fixed; seconds are training "
         "seconds (the machine was shared, so they vary).", "",
         "| run | epochs | seconds | error | pruned architecture | x pruned | x stored "

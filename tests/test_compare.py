@@ -66,6 +66,8 @@ def test_table_values_are_the_results(compared):
         assert lat["lowbit_ms"] > 0 and lat["torch_fp32_ms"] > 0
         if not _have_onnxruntime():
             assert lat["onnxruntime_fp32_ms"] == NOT_INSTALLED and NOT_INSTALLED in line
+        else:
+            assert lat["onnxruntime_fp32_ms"] > 0 and lat["onnxruntime_int8_ms"] > 0
     # the FP row: the FP accuracy the results record, the FP model's fp32 bytes and energy
     # (4 bytes a parameter; fp32 MACs, as the results' own fp32 baselines), its own timing
     fp, res = rows["fp32"], json.loads((out / "sst" / "result.json").read_text())

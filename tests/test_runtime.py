@@ -409,3 +409,20 @@ def test_bench_compare(tmp_path):
     assert r["speedup_vs_torch_fp32"] > 0 and r["machine"]["threads"] == 1
     assert r["agreement_top1_vs_fp32"] is not None and r["peak_rss_mb"] > 0
     assert {row["name"] for row in r["per_layer"]} >= {"c1", "fc"}
+
+
+def test_bench_onnxruntime_peers(tmp_path):
+    """The ONNX Runtime columns: the file's network exported to ONNX, run in fp32 and
+    statically quantized to int8; both timed, and the fp32 export agrees with lowbit."""
+    pytest.importorskip("onnxruntime", reason="pip install 'lowbit[onnx]'")
+    from lowbit.runtime.bench import compare
+
+    path = tmp_path / "m.lowbit"
+    save(freeze(_trained(ChainNet, "int8", "int8", steps=1)), path)
+    r = compare(path, repeats=2, warmup=1, onnx=True)
+    assert r["onnxruntime_fp32_ms"] > 0 and r["onnxruntime_int8_ms"] > 0
+    assert r["speedup_vs_onnxruntime_int8"] == pytest.approx(
+        r["onnxruntime_int8_ms"] / r["lowbit_ms"], rel=0.01
+    )
+    assert "static QDQ" in r["notes"]["onnxruntime_int8"]
+    assert r["machine"]["versions"]["onnxruntime"]

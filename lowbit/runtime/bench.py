@@ -22,6 +22,7 @@ import resource
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -162,10 +163,14 @@ def _onnx_sessions(module, shape, threads: int, tmp: Path, calib_batches: int = 
     fp32 = tmp / "fp32.onnx"
     x = torch.zeros(shape)
     kw: dict[str, Any] = {"input_names": ["x"], "output_names": ["y"], "opset_version": 17}
-    try:
-        torch.onnx.export(module, (x,), str(fp32), dynamo=False, **kw)
-    except TypeError:  # older torch without the dynamo switch
-        torch.onnx.export(module, (x,), str(fp32), **kw)
+    # The TorchScript exporter on purpose: the torch.export-based one needs onnxscript, one
+    # more dependency, for the plain conv/gemm graphs here; its deprecation notices are noise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            torch.onnx.export(module, (x,), str(fp32), dynamo=False, **kw)
+        except TypeError:  # older torch without the dynamo switch
+            torch.onnx.export(module, (x,), str(fp32), **kw)
 
     def session(p):
         so = ort.SessionOptions()
