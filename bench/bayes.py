@@ -78,6 +78,10 @@ def main() -> None:
         "--thresholds300",
         help="the same for LeNet-300-100; the authors used 'fc1=-2.8,fc2=-3,fc3=-5'",
     )
+    ap.add_argument(
+        "--qat", type=int, default=0,
+        help="bayes option qat_epochs: QAT epochs of the pruned fixed-point model",
+    )  # fmt: skip
     ap.add_argument("--all", action="store_true", help="also lenet300 with the GHS prior")
     ap.add_argument("--only", help="comma-separated run names to do now (others: re-read)")
     ap.add_argument("--seed", type=int, default=0)
@@ -138,6 +142,9 @@ def main() -> None:
         if thr:  # another pruning rule: its own run folder (the mask is set before fine-tuning)
             opts["thresholds"] = thr
             out = root / (name + "-thr" + thr.replace("=", "").replace(",", "_"))
+        if args.qat:  # the Bayesian run is the same; only its end differs
+            opts["qat_epochs"] = args.qat
+            out = out.with_name(out.name + f"-qat{args.qat}")
         if args.lr_scale is not None:
             opts["lr_scale"] = args.lr_scale
         if args.finetune:
@@ -156,6 +163,8 @@ def main() -> None:
             "run": name, "model": model, "prior": prior, "options": opts, "seed": args.seed,
             "fp_start": fps[model],
             "epochs": r["epochs"], "finetune_epochs": r.get("finetune_epochs", 0),
+            "qat_epochs": args.qat,
+            "accuracy_before_qat": r["bayes"].get("accuracy_fixed_point_before_qat"),
             "seconds": r["seconds"], "threads": args.threads,
             "command": "LOWBIT_DATA=../shared/data python " + " ".join(sys.argv),
             "fp_test_accuracy": r["fp_test_accuracy"], "test_accuracy": r["test_accuracy"],
@@ -217,7 +226,9 @@ def _markdown(d) -> str:
         f"{d['seed']}. FP starts (Adam 1e-3; each row names its own): " + ", ".join(
             f"{r['run']} from {r['model']} {v['epochs']} epochs ({100 * v['test_accuracy']:.2f}%, "
             f"{v['seconds']:.0f} s)" for r in d["results"] for v in [r["fp_start"]]) + ".", "",
-        "Epochs include the fine-tuning epochs with the mask fixed; seconds are training "
+        "Epochs include the fine-tuning epochs with the mask fixed and the QAT epochs of the "
+        "pruned fixed-point model (bayes option qat_epochs, not in the paper; the error before "
+        "them in brackets); seconds are training "
         "seconds (the machine was shared, so they vary).", "",
         "| run | epochs | seconds | error | pruned architecture | x pruned | x stored "
         "(everything) | x authors' count | bits/w lowbit / authors | paper | target met |",
@@ -228,8 +239,12 @@ def _markdown(d) -> str:
         t = r["target"]
         met = (f"error {'yes' if r['meets_error'] else 'NO'} (<= {t['error']}%), "
                f"x{t['compression']} {'yes' if r['meets_compression'] else 'NO'}")  # fmt: skip
+        pre = ""
+        if r.get("qat_epochs"):
+            pre = f" ({100 * (1 - r['accuracy_before_qat']):.2f}%)"
         lines.append(
-            f"| {r['run']} | {r['epochs']} | {r['seconds']:.0f} | {r['test_error_pct']:.2f}% | "
+            f"| {r['run']} | {r['epochs']} | {r['seconds']:.0f} | "
+            f"{r['test_error_pct']:.2f}%{pre} | "
             f"{r['architecture']} (of {r['architecture_original']}) | "
             f"x{r['compression_pruned']:.1f} | x{r['compression_vs_fp32']:.1f} | "
             f"x{r['compression_authors_count']:.1f} | {r['bits_per_weight']:.2f} / "

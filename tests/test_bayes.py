@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit import models
+from lowbit import load_frozen, models
 from lowbit.cli import main
 from lowbit.methods import bayes
 from lowbit.methods.bayes import (
@@ -411,6 +411,45 @@ def test_cli_compress_run_bench_end_to_end(tmp_path, capsys):
     stdout, err = capsys.readouterr()
     assert code == 0, err
     json.loads(stdout)
+
+
+def test_fixed_point_qat_keeps_bits_and_architecture_and_freezes(tmp_path, capsys):
+    """qat_epochs trains the pruned fixed-point model itself: the bits and the pruned
+    architecture stay those the posterior chose, the frozen file is that trained model."""
+    out = tmp_path / "q"
+    code = main([
+        "compress", "--method", "bayes", "--model", "lenet300", "--data", "sample",
+        "--epochs", "1", "--limit-train", "256", "--limit-test", "128", "--out", str(out),
+        "--method-arg", "qat_epochs=1", "--json", "--quiet",
+    ])  # fmt: skip
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    res = json.loads(stdout)
+    b = res["bayes"]
+    assert b["qat_epochs"] == 1 and 0 <= b["accuracy_fixed_point_before_qat"] <= 1
+    assert res["test_accuracy"] == b["accuracy_fixed_point"]
+    # the QAT run trained and checkpointed; its weights are what the file holds
+    ck = torch.load(out / "bayes-qat" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and res["epochs"] >= 2
+    assert res["frozen_agreement"] >= 0.99
+    frozen = load_frozen(out / "model.lowbit")
+    fixed = {op.attrs["module"]: op.attrs["weight_codec"]["_data"] for op in frozen.ops
+             if op.attrs.get("weight_codec", {}).get("_type") == "fixed"}  # fmt: skip
+    assert set(fixed) == {row["layer"] for row in b["layers"]} == {"fc1", "fc2", "fc3"}
+    for row in b["layers"]:
+        assert fixed[row["layer"]]["fraction_bits"] == row["fraction_bits"], row["layer"]
+        assert fixed[row["layer"]]["integer_bits"] == row["integer_bits"], row["layer"]
+    # the file holds the QAT-trained weights: fc1's codes are its checkpoint weights on the grid
+    w = ck["state_dict"]["fc1.weight"]
+    f, lim = (
+        fixed["fc1"]["fraction_bits"],
+        2 ** (fixed["fc1"]["integer_bits"] + fixed["fc1"]["fraction_bits"]) - 1,
+    )
+    fc1 = next(op for op in frozen.ops if op.attrs.get("module") == "fc1")
+    expect = torch.clamp(torch.round(w * 2.0**f), -lim, lim).to(torch.int64)
+    assert torch.equal(fc1.tensors["codes"].to(torch.int64), expect)
+    with pytest.raises(ValueError, match="qat_epochs"):
+        BayesConfig(qat_epochs=-1)
 
 
 def test_cli_bad_bayes_option_is_a_clear_error(tmp_path, capsys):

@@ -48,6 +48,17 @@ from a 3-epoch FP model): 5 epochs pruned it to 411-157-77 (97.1%, x17 stored).
 ``finetune_epochs`` (default 0) trains on with the pruning mask fixed, recovering accuracy
 that pruning costs at short budgets.
 
+Fixed-point fine-tuning (``qat_epochs``, not in the paper; default 0)
+---------------------------------------------------------------------
+After pruning, unit removal and the choice of bits, the small fixed-point model is an
+ordinary QAT model (``FixedPoint`` codecs, straight-through gradients): ``qat_epochs``
+trains it on with plain cross-entropy (the run's optimizer and learning rate, cosine
+decay, no KL, no noise), bits and architecture fixed, then freezes it. Why: the
+posterior mean is tuned for a network with multiplicative noise and under a KL pull, and
+``finetune_epochs`` keeps both; the deployed network has neither. The bits stay those
+the posterior chose (the grid step stays about the posterior's standard deviation), so
+compression does not change; only accuracy can.
+
 Pruning (``threshold``, ``thresholds``)
 ----------------------------------------
 GNJ keeps group ``i`` if ``log alpha_i < threshold`` (default -3.0 for every layer; the
@@ -212,6 +223,9 @@ class BayesConfig:
     # epochs of training with the pruning mask fixed, after the main run (not in the paper:
     # recovers the accuracy pruning costs at short budgets; 0 = the paper's procedure)
     finetune_epochs: int = 0
+    # epochs of quantization-aware training of the pruned fixed-point model, after the bits
+    # are set (not in the paper; 0 = the paper's procedure). See "Fixed-point fine-tuning".
+    qat_epochs: int = 0
     max_fraction_bits: int = 23  # as the authors' float32 significand
     # log-variances and group scales learn this many times faster than the weight means
     # (see _BayesLayer): under Adam every parameter moves about lr per step, a weight mean
@@ -250,10 +264,10 @@ class BayesConfig:
             problems.append(
                 f"bits_rule must be one of {', '.join(BITS_RULES)}, got {self.bits_rule!r}"
             )
-        if not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 0:
-            problems.append(
-                f"finetune_epochs must be an integer >= 0, got {self.finetune_epochs!r}"
-            )
+        for name in ("finetune_epochs", "qat_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                problems.append(f"{name} must be an integer >= 0, got {v!r}")
         if not isinstance(self.min_levels, int) or not 1 <= self.min_levels <= 2**20:
             problems.append(f"min_levels must be an integer >= 1, got {self.min_levels!r}")
         if not isinstance(self.max_fraction_bits, int) or not 1 <= self.max_fraction_bits <= 30:
@@ -1243,6 +1257,18 @@ def compress_model(
     p_masked, labels = _predict(pq["masked"], test_set, test_tf)
     p_small, _ = _predict(pq["small"], test_set, test_tf)
     p_quant, _ = _predict(pq["quant"], test_set, test_tf)
+    p_before_qat = p_quant
+    if cfg.qat_epochs > 0:  # train the pruned fixed-point model itself (STE), bits fixed
+        qat_dir = out / "bayes-qat"
+        qat_config = replace(config, epochs=cfg.qat_epochs, schedule="cosine", warmup_epochs=0)
+        qt = Trainer(pq["quant"], qat_config, out_dir=qat_dir, meta=meta,
+                     train_transform=train_tf, test_transform=test_tf)  # fmt: skip
+        qt_resume = qat_dir / "last.pt" if resume and (qat_dir / "last.pt").exists() else None
+        result = qt.fit(train_set, test_set, resume=qt_resume)
+        history += result.history
+        epochs_done += qt.epoch
+        pq["quant"] = qt.model.cpu().eval()
+        p_quant, _ = _predict(pq["quant"], test_set, test_tf)
     n = max(1, len(labels))
 
     def acc(p):
@@ -1289,6 +1315,8 @@ def compress_model(
         "accuracy_masked": acc(p_masked),
         "accuracy_pruned": acc(p_small),
         "accuracy_fixed_point": acc(p_quant),
+        "accuracy_fixed_point_before_qat": acc(p_before_qat),
+        "qat_epochs": cfg.qat_epochs,
         "pruned_same_predictions": float((p_masked == p_small).float().mean()) if n else 1.0,
         "paper": PAPER.get(name),
         "bits_rule": cfg.bits_rule,
