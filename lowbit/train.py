@@ -180,21 +180,35 @@ def lr_at(config: TrainConfig, global_step: int, steps_per_epoch: int) -> float:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or Adam(W). BatchNorm parameters and biases get no weight decay."""
-    decay, no_decay = [], []
+    """SGD or Adam(W). BatchNorm parameters and biases get no weight decay.
+
+    A parameter with an ``lr_mult`` attribute (set by a method, e.g. SBNN's learned scales)
+    goes into its own group that learns at ``lr * lr_mult`` (see ``set_lr``). The groups are
+    the same for the same model, so an optimizer state saved in a checkpoint loads back."""
+    groups_by_key: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            key = (p.ndim > 1, float(getattr(p, "lr_mult", 1.0)))
+            groups_by_key.setdefault(key, []).append(p)
+    base = [(True, 1.0), (False, 1.0)]  # the two usual groups first, even when empty
+    keys = base + sorted(k for k in groups_by_key if k not in base)
     groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        {"params": groups_by_key.get(k, []), "weight_decay": config.weight_decay if k[0] else 0.0,
+         "lr_mult": k[1]}
+        for k in keys
+    ]  # fmt: skip
     lr = config.base_lr
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov)
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=lr)
     return torch.optim.AdamW(groups, lr=lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every group to ``lr`` times the group's ``lr_mult``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 def _as_tensors(data) -> tuple[torch.Tensor, torch.Tensor]:
@@ -560,8 +574,7 @@ class Trainer:
             else:
                 x = x.float()
             lr = lr_at(cfg, self.global_step, len(batches))
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
             out, loss = self._step_loss(net, x, y, seed)
             for h in self.hooks:
                 loss = h.loss(self, loss, out, y)

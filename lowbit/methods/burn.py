@@ -126,6 +126,7 @@ from ..train import (
     lr_at,
     make_optimizer,
     save_checkpoint,
+    set_lr,
 )
 from ..transforms import (
     ColorJitter,
@@ -744,8 +745,7 @@ def train_two_view(
                 g2 = torch.Generator(device=dev).manual_seed(seed ^ 0x2222)
                 x1, x2 = views[0](x, generator=g1), views[1](x, generator=g2)
                 lr = lr_at(sched, i, steps)
-                for group in opt.param_groups:
-                    group["lr"] = lr
+                set_lr(opt, lr)
                 loss, stats = loss_fn(x1, x2, i, total)
                 if not torch.isfinite(loss):
                     raise TrainingError(
