@@ -329,18 +329,23 @@ def main() -> None:
     args = ap.parse_args()
     presets = [tuple(int(v) for v in p.split(",")) for p in args.presets]
     torch.set_num_threads(args.threads)
-    res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     t0 = time.perf_counter()
+    new: dict = {}
     if args.part in ("compression", "all"):
-        res["compression"] = compression(presets)
+        new["compression"] = compression(presets)
     if args.part in ("speed", "all"):
-        res["speed"] = speed(args)
+        new["speed"] = speed(args)
     for task in ("mnist", "cifar"):
         if args.part in (task, "all"):
             if not os.environ.get("LOWBIT_DATA"):
                 sys.exit("set LOWBIT_DATA to the folder holding mnist/ and cifar10/")
-            res[task] = accuracy(task, presets, args)
-            res[task]["wall_seconds_this_call"] = round(time.perf_counter() - t0, 1)
+            new[task] = accuracy(task, presets, args)
+            new[task]["wall_seconds_this_call"] = round(time.perf_counter() - t0, 1)
+    # read the results file only now: another run may have written it meanwhile
+    res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    res.update(new)
+    for task in ("mnist", "cifar"):
+        if task in new:
             _remember(res, task)
     write_json(RESULTS, res)
     md = markdown(res)
