@@ -254,6 +254,31 @@ def test_projection_meets_density(scope):
     assert kept[-1] and not kept[0]
 
 
+@pytest.mark.parametrize("scope", ["proportional", "layer", "global"])
+def test_projection_floor_revives_the_largest_off_weights(scope):
+    net = _mlp(sbnn_recipe(density=0.05))
+    layers = [m for _, m in sbnn.binarized_layers(net)]
+    with torch.no_grad():
+        for m in layers:
+            m.weight.copy_(-torch.rand_like(m.weight) - 0.1)  # every weight off
+            m.weight.view(-1)[:10] = 0.5  # a few on
+        layers[0].weight.view(-1)[10:20] = -0.01  # the off weights closest to turning on
+    on_before = [m.weight.detach().clone() > 0 for m in layers]
+    total = sum(m.weight.numel() for m in layers)
+    d = project_density_(net, 0.05, scope, "value", floor=0.05)
+    assert 0.05 <= d <= 0.05 + len(layers) / total
+    for m, before in zip(layers, on_before):
+        assert bool((m.weight[before] == 0.5).all())  # the on weights are untouched
+    if scope != "layer":  # per layer, the layer's own top candidates are the ones revived
+        assert bool((layers[0].weight.view(-1)[10:20] > 0).all())
+    # no floor: the density stays where it is (a cap only)
+    with torch.no_grad():
+        for m in layers:
+            m.weight.copy_(-torch.rand_like(m.weight) - 0.1)
+            m.weight.view(-1)[:10] = 0.5
+    assert project_density_(net, 0.05, scope, "value") == pytest.approx(10 * len(layers) / total)
+
+
 def test_relu_bypass_keeps_forward_values():
     net = _lenet(sbnn_recipe(density=0.5))
     assert sign_fed_relus(net) == ["relu1", "relu2"]  # relu3 feeds the int8 classifier
