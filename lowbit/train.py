@@ -439,7 +439,14 @@ class Trainer:
             ckpt = load_checkpoint(ckpt)
         self.model.load_state_dict(ckpt["state_dict"])
         if "optimizer" in ckpt:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except ValueError as e:  # other parameter groups: another version or options
+                raise CheckpointError(
+                    f"the checkpoint's optimizer state does not fit this run ({e}); it was "
+                    "written by another lowbit version or other method options, so the run "
+                    "cannot resume: start a new run from its weights instead"
+                ) from None
         states = ckpt.get("hooks", [])
         if len(states) != len(self.hooks):
             raise CheckpointError(

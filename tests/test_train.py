@@ -287,3 +287,18 @@ def test_ddp_two_processes_train_the_same_model(tmp_path):
     assert res["acc"] > 0.3
     assert (out / "last.pt").exists()  # written by rank 0
     assert not list(out.glob("*.tmp"))
+
+
+def test_resume_with_other_optimizer_groups_is_a_clear_error():
+    """A checkpoint whose optimizer has other parameter groups (another lowbit version or
+    other method options, e.g. SBNN's scale_lr) cannot resume: a CheckpointError says so."""
+    from lowbit import models
+
+    net = models.create("lenet5")
+    trainer = Trainer(net, TrainConfig(epochs=1, progress=False), log=lambda s: None)
+    opt = trainer.optimizer.state_dict()
+    opt["param_groups"] = opt["param_groups"][:1]
+    ckpt = {"state_dict": net.state_dict(), "optimizer": opt, "hooks": [], "epoch": 0,
+            "step": 0, "global_step": 0}  # fmt: skip
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        trainer.restore(ckpt)
