@@ -185,8 +185,8 @@ def main() -> None:
             "target": t, "meets_error": err <= t["error"],
             "meets_compression": r["compression_vs_fp32"] >= t["compression"],
         })  # fmt: skip
-        _write(res_dir, args, fps, results, limits)
-    _write(res_dir, args, fps, results, limits)
+        _write(res_dir, args, results, limits)
+    _write(res_dir, args, results, limits)
     print((res_dir / "bayes.md").read_text())
 
 
@@ -208,7 +208,7 @@ def _speed(out: Path, model: str, args, limits) -> dict:
             "speedup": t_masked / t_small}  # fmt: skip
 
 
-def _write(res_dir, args, fps, results, limits) -> None:
+def _write(res_dir, args, results, limits) -> None:
     payload = {
         "command": "LOWBIT_DATA=../shared/data python " + " ".join(sys.argv),
         "data": "mnist", "seed": args.seed, "threads": args.threads, **limits,

@@ -467,24 +467,14 @@ def project_density_(
         s = w.abs() if score == "magnitude" else w
         return torch.where(on.flatten(), s, torch.full_like(s, -math.inf))
 
-    if scope == "global":
-        allsc = torch.cat([scores(m, o) for m, o in zip(layers, ons)])
-        keep_all = torch.zeros_like(allsc, dtype=torch.bool)
-        keep_all[torch.topk(allsc, k_total, sorted=False).indices] = True
-        keeps = list(keep_all.split(sizes))
-    else:
+    ks = None  # global: one ranking of raw scores
+    if scope != "global":
         p = sum(counts) / total
-        keeps = []
-        for m, o, c, n in zip(layers, ons, counts, sizes):
-            if scope == "proportional":
-                k = min(c, math.floor(c * density / p + 1e-9))
-            else:
-                k = min(c, math.floor(density * n + 1e-9))
-            sc = scores(m, o)
-            keep = torch.zeros_like(sc, dtype=torch.bool)
-            if k > 0:
-                keep[torch.topk(sc, k, sorted=False).indices] = True
-            keeps.append(keep)
+        ks = [
+            min(c, math.floor((c * density / p if scope == "proportional" else density * n) + 1e-9))
+            for c, n in zip(counts, sizes)
+        ]
+    keeps = _top_masks([scores(m, o) for m, o in zip(layers, ons)], sizes, k_total, ks)
     for m, o, keep in zip(layers, ons, keeps):
         drop = o.flatten() & ~keep
         w = m.weight.data.view(-1)
@@ -587,12 +577,10 @@ class ScaleLR(TrainHook):
 
     def __init__(self, model: nn.Module, mult: float):
         self.mult = float(mult)
-        self.params = []
         for _, m in binarized_layers(model):
             for k in ("tau", "phi"):
                 if k in m.codec_params:
                     m.codec_params[k].lr_mult = self.mult
-                    self.params.append(m.codec_params[k])
 
 
 class IRNetSchedule(TrainHook):
@@ -628,38 +616,43 @@ class IRNetSchedule(TrainHook):
 _REVIVE = 1e-3  # latent value of a weight turned on by the density floor
 
 
+def _top_masks(scores: list[Tensor], sizes: list[int], k_total: int, ks: list[int] | None):
+    """Boolean masks of the highest scores: one ranking across all layers (``k_total``
+    picks) when ``ks`` is None, else ``ks[i]`` picks in layer ``i``."""
+    if ks is None:
+        allsc = torch.cat(scores)
+        mask = torch.zeros_like(allsc, dtype=torch.bool)
+        mask[torch.topk(allsc, k_total, sorted=False).indices] = True
+        return list(mask.split(sizes))
+    masks = []
+    for sc, k in zip(scores, ks):
+        mask = torch.zeros_like(sc, dtype=torch.bool)
+        if k > 0:
+            mask[torch.topk(sc, k, sorted=False).indices] = True
+        masks.append(mask)
+    return masks
+
+
 def _revive_(layers, ons, counts, sizes, floor: float, scope: str) -> None:
     """Turn on the largest off latent weights until the density is ``floor`` (see
     ``project_density_``)."""
     total = sum(sizes)
-    k_total = int(math.ceil(floor * total - 1e-9))
 
     def off_scores(m, on):
         w = m.weight.detach().flatten()
         return torch.where(on.flatten(), torch.full_like(w, -math.inf), w)
 
-    if scope == "global":
-        allsc = torch.cat([off_scores(m, o) for m, o in zip(layers, ons)])
-        need = k_total - sum(counts)
-        pick = torch.zeros_like(allsc, dtype=torch.bool)
-        pick[torch.topk(allsc, need, sorted=False).indices] = True
-        picks = list(pick.split(sizes))
-    else:
+    ks = None  # global: one ranking of all off weights
+    if scope != "global":
         p = sum(counts) / total
-        picks = []
-        for m, o, c, n in zip(layers, ons, counts, sizes):
-            if scope == "proportional" and p > 0:
-                k = min(n, math.ceil(c * floor / p - 1e-9))
-            else:
-                k = min(n, math.ceil(floor * n - 1e-9))
-            sc = off_scores(m, o)
-            pick = torch.zeros_like(sc, dtype=torch.bool)
-            if k > c:
-                pick[torch.topk(sc, k - c, sorted=False).indices] = True
-            picks.append(pick)
+        ks = []
+        for c, n in zip(counts, sizes):
+            want = c * floor / p if scope == "proportional" and p > 0 else floor * n
+            ks.append(max(0, min(n, math.ceil(want - 1e-9)) - c))
+    need = int(math.ceil(floor * total - 1e-9)) - sum(counts)
+    picks = _top_masks([off_scores(m, o) for m, o in zip(layers, ons)], sizes, need, ks)
     for m, pick in zip(layers, picks):
-        w = m.weight.data.view(-1)
-        w[pick] = _REVIVE
+        m.weight.data.view(-1)[pick] = _REVIVE
 
 
 class DensityProjection(TrainHook):
