@@ -25,8 +25,8 @@ from lowbit.errors import FormatError
 from lowbit.freeze import FrozenModel, FrozenOp, freeze
 from lowbit.packfile import load_frozen, save
 from lowbit.recipes import Recipe, Rule, compress_
+from lowbit.runtime import _cext, load
 from lowbit.runtime import kernels as K
-from lowbit.runtime import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float paths: float32 im2col + matmul against PyTorch's conv (different summation order)
@@ -171,6 +171,8 @@ def test_engine_matches_reference(w, a, tmp_path):
     want = ref(torch.from_numpy(x)).numpy()
     got = eng(x)
     assert got.dtype == np.float32 and got.shape == want.shape
+    with _cext.disabled():  # the numba kernels give exactly what the C ones give
+        np.testing.assert_array_equal(eng(x), got)
     layers = [op for op in ref.layers()]
     if all(op.attrs["path"] == "int" for op in layers):
         np.testing.assert_array_equal(got, want)
@@ -286,6 +288,8 @@ def test_random_single_layers(
     x = rng.standard_normal((2, *frozen.meta["input_shape"])).astype(np.float32) * 3
     want = load_frozen(path)(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(eng(x), want)
+    with _cext.disabled():  # the portable numba kernels: the same results
+        np.testing.assert_array_equal(eng(x), want)
 
 
 def test_fused_requant_and_portable_gemm(tmp_path, monkeypatch):
@@ -295,8 +299,10 @@ def test_fused_requant_and_portable_gemm(tmp_path, monkeypatch):
     x = _x()
     want = ref(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(eng(x), want)
-    monkeypatch.setattr(K, "HAS_VNNI", False)  # the portable GEMM, same results
-    np.testing.assert_array_equal(eng(x), want)
+    with _cext.disabled():  # the numba kernels (the C ones ran above where available)
+        np.testing.assert_array_equal(eng(x), want)
+        monkeypatch.setattr(K, "HAS_VNNI", False)  # the portable GEMM, same results
+        np.testing.assert_array_equal(eng(x), want)
 
 
 # ------------------------------------------------------------------ zoo models

@@ -251,7 +251,10 @@ def machine_info(threads: int) -> dict[str, Any]:
         load1 = os.getloadavg()[0]
     except OSError:
         load1 = None
+    from . import _cext
+
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "vnni": K.HAS_VNNI,
+            "c_kernels": _cext.available() or _cext.why_not(),
             "load_average_1min": load1, "python": platform.python_version(),
             "versions": versions}  # fmt: skip
 

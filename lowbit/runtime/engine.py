@@ -318,6 +318,12 @@ class _Layer:
             if not pc.depthwise:
                 self.Kp = pc.wp.shape[2] * 4
                 self.init = pc.corr if self.signed else pc.zero
+                if self.groups == 1:  # self.gemm: epilogue arrays zero-padded to Op
+                    op = self.init.shape[1]
+                    if hasattr(self, "dq"):
+                        self.dq_pad = tuple(K._padded(v, op) for v in self.dq)
+                    if hasattr(self, "rq"):
+                        self.rq_pad = tuple(K._padded(v, op) for v in self.rq)
                 self.pointwise = (
                     self.kh == self.kw == 1 and self.groups == 1 and self.padding == (0, 0)
                     if self.conv else True
@@ -328,6 +334,9 @@ class _Layer:
                 w = (2 * w.astype(np.int16) - 1).astype(np.int8)
             wp = K.pack_signs(w)
             self.packed = K.prepare_binary_conv(wp) if self.conv else wp
+            if self.conv and hasattr(self, "dq"):  # the epilogue's per-channel affine,
+                op = self.packed.wpop.shape[1]  # zero above O (padded output channels)
+                self.dq_bin = tuple(K._padded(v, op) for v in self.dq)
         elif self.kernel == "int64":
             self.w64 = self.codes.reshape(self.O, -1).astype(np.int64)
         elif self.kernel == "sst-lut":
@@ -495,6 +504,7 @@ class _Layer:
         pc = self.packed
         Kp = self.Kp
         shift = 128 if self.signed else 0
+        interleaved = False
         fq = self.fq
         if self.conv:
             if self.nchw_in:
@@ -511,7 +521,12 @@ class _Layer:
             lead = (N, Ho, Wo)
             P = N * Ho * Wo
             xu = self._buf("xu", (P, Kp), np.uint8)
-            if self.pointwise:
+            if self.pointwise and fq is not None and self.nchw_in and K._cext.available():
+                # quantized straight into the GEMM's interleaved layout: no transpose
+                xu = self._buf("xu4", (Kp // 4, P, 4), np.uint8)
+                K.quant_nchw_k4(x, fq[0], fq[1], fq[2], shift, sh, sw, Kp, xu)
+                interleaved = True
+            elif self.pointwise:
                 if fq is not None:
                     q = K._quant_rows_nchw if self.nchw_in else K._quant_rows_nhwc
                     q(x, fq[0], fq[1], fq[2], shift, sh, sw, xu)
@@ -543,42 +558,39 @@ class _Layer:
                     x4 = x4.astype(self.in_dtype)
                 K._shift_rows(x4, shift, 1, 1, xu)
         O = self.O
-        oi, of, of3, ob = _OI, _OF, _OF3, _OB
         scale, fbias = _F0, _F0
         bias = m = n = half = _I0
         lo = hi = 0
         if self.sign_out:
             mode = 3
             ow = -(-O // 64)
-            y = ob = self._out((P, ow), np.uint64)
+            y = o2 = self._out((P, ow), np.uint64)
             y = y.reshape(*lead, ow)
-            scale, fbias = self.dq
+            scale, fbias = self.dq_pad
         elif self.out_int:
             mode = 0
             y = self._out((*lead, O), self.out_dtype)
-            oi = y.reshape(P, O)
-            bias, m, n, half = self.rq
+            o2 = y.reshape(P, O)
+            bias, m, n, half = self.rq_pad
             lo, hi = self.lo, self.hi
         elif self.nchw_out and self.conv:
             mode = 2
             y = self._out((N, O, Ho, Wo), np.float32)
-            of3 = y.reshape(N, O, Ho * Wo)
-            scale, fbias = self.dq
+            o2 = y.reshape(N, O, Ho * Wo)
+            scale, fbias = self.dq_pad
         else:
             mode = 1
             y = self._out((*lead, O), np.float32)
-            of = y.reshape(P, O)
-            scale, fbias = self.dq
+            o2 = y.reshape(P, O)
+            scale, fbias = self.dq_pad
         hw = Ho * Wo if self.conv else 1
-        K._gemm_fused(K.HAS_VNNI, xu, pc.wp[0], pc.w2d[0], self.init[0], O, mode,
-                      self.pre_shift if self.out_int else 0, bias, m, n, half, lo, hi, scale,
-                      fbias, hw, oi, of, of3, ob)  # fmt: skip
+        K.gemm_fused(xu, pc, self.init[0], O, mode, self.pre_shift if self.out_int else 0,
+                     bias, m, n, half, lo, hi, scale, fbias, hw, o2, interleaved)  # fmt: skip
         return y
 
     def binary(self, x):
         """xnor conv layers: the register-blocked XOR + popcount kernel with the epilogue
         fused (dequantization, NCHW store or the next layer's sign packing)."""
-        wb, wpop = self.packed
         N, H, W, CW = x.shape
         sh, sw = self.stride
         ph, pw = self.padding
@@ -591,25 +603,22 @@ class _Layer:
         xpad = self._bufs.get(key)
         if xpad is None:  # zero borders, written once
             xpad = self._bufs[key] = np.zeros((N, Hp, Wp, CW), np.uint64)
-            self._bufs[("koff", (N, Hp, Wp, CW))] = np.array(
-                [(i * dh * Wp + j * dw) * CW + c for i in range(self.kh) for j in range(self.kw)
-                 for c in range(CW)], np.int64)  # fmt: skip
+            self._bufs[("koff", (N, Hp, Wp, CW))] = K.binary_koff(self.kh, self.kw, dh, dw, Wp,
+                                                                  CW)  # fmt: skip
         koff = self._bufs[("koff", (N, Hp, Wp, CW))]
         xpad[:, ph : ph + H, pw : pw + W] = x
         O = self.O
-        scale, fbias = self.dq
-        oi, of, of3, ob = K._DI4, K._DF4, K._DF4, K._DB4
         if self.sign_out:
             mode = 3
-            y = ob = self._out((N, Ho, Wo, -(-O // 64)), np.uint64)
+            y = self._out((N, Ho, Wo, -(-O // 64)), np.uint64)
         elif self.nchw_out:
             mode = 2
-            y = of3 = self._out((N, O, Ho, Wo), np.float32)
+            y = self._out((N, O, Ho, Wo), np.float32)
         else:
             mode = 1
-            y = of = self._out((N, Ho, Wo, O), np.float32)
-        K._bin_conv_tiled(xpad, koff, wb, wpop, self.cin, self.kh, self.kw, sh, sw, ph, pw, dh,
-                          dw, H, W, Ho, Wo, O, mode, scale, fbias, oi, of, of3, ob)  # fmt: skip
+            y = self._out((N, Ho, Wo, O), np.float32)
+        K.binary_conv_fused(xpad, koff, self.packed, self.cin, self.stride, self.padding,
+                            self.dilation, H, W, Ho, Wo, mode, *self.dq_bin, y)  # fmt: skip
         return y
 
     def acc(self, x) -> np.ndarray:
@@ -632,9 +641,8 @@ class _Layer:
             return K.linear_int(x, self.packed)
         if self.kernel == "xnor":
             if self.conv:
-                wb, wpop = self.packed
-                out = K.conv2d_binary_tiled(x, self.cin, wb, wpop, self.kh, self.kw, self.stride,
-                                            self.padding, self.dilation)  # fmt: skip
+                out = K.conv2d_binary_tiled(x, self.cin, self.packed, self.stride, self.padding,
+                                            self.dilation)  # fmt: skip
             else:
                 out = K.linear_binary(x, self.cin, self.packed)
             if self.binary01:

@@ -20,6 +20,11 @@ multiplies *unsigned* by *signed* bytes, so int8 activations are shifted to uint
 initial value (padding then becomes 128, so it still contributes 0 after the correction).
 Other CPUs get a plain numba GEMM (same results, several times slower).
 
+C kernels. Where the AVX-512 extension ``lowbit.runtime._lbk`` is built and this CPU runs it
+(``lowbit.runtime._cext``), :func:`binary_conv_fused`, :func:`gemm_fused` and
+:func:`quant_nchw_k4` run C code instead (same layouts, bit-identical results); the numba
+kernels here are the portable path and stay tested against it.
+
 Weights are repacked once with :func:`prepare_conv` / :func:`prepare_linear` /
 :func:`pack_ternary`; the conv functions also accept raw codes (packed on every call).
 """
@@ -36,8 +41,11 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from . import _cext
+
 __all__ = [
     "HAS_VNNI",
+    "PackedBinaryConv",
     "PackedConv",
     "PackedSST",
     "conv2d_binary",
@@ -414,27 +422,82 @@ _DB4 = np.zeros((1, 1, 1, 1), np.uint64)
 _DI4 = np.zeros((1, 1, 1, 1), np.int32)
 
 
-def prepare_binary_conv(wp: np.ndarray):
+@dataclass(frozen=True, eq=False)
+class PackedBinaryConv:
+    """Binary conv weights packed for :func:`binary_conv_fused` (:func:`prepare_binary_conv`).
+
+    ``wb [OB, kh*kw*CW, 8]`` uint64: 8-output-channel blocks, ``OB`` a multiple of 4 (zero
+    channels above ``O``); ``wpop [kh*kw, 8*OB]`` int32: popcount of each tap's weights."""
+
+    wb: np.ndarray
+    wpop: np.ndarray
+    O: int
+    kh: int
+    kw: int
+
+
+def prepare_binary_conv(wp: np.ndarray) -> PackedBinaryConv:
     """Packed binary conv weights ``[O, kh, kw, CW]`` (:func:`pack_binary_weights`) ->
-    ``(wb [ceil(O/8), kh*kw*CW, 8], wpop [kh*kw, O] int64)`` for :func:`conv2d_binary_tiled`."""
+    :class:`PackedBinaryConv` for :func:`conv2d_binary_tiled` / :func:`binary_conv_fused`."""
     O, kh, kw, CW = wp.shape
-    OB = -(-O // 8)
+    OB = -(-O // 32) * 4
     w = np.zeros((OB * 8, kh * kw * CW), np.uint64)
     w[:O] = wp.reshape(O, -1)
     wb = np.ascontiguousarray(w.reshape(OB, 8, -1).transpose(0, 2, 1))
     bits = np.unpackbits(wp.view(np.uint8), axis=-1).reshape(O, kh * kw, -1)
-    wpop = np.ascontiguousarray(bits.sum(-1, dtype=np.int64).T)
-    return wb, wpop
+    wpop = np.zeros((kh * kw, OB * 8), np.int32)
+    wpop[:, :O] = bits.sum(-1, dtype=np.int32).T
+    return PackedBinaryConv(wb, wpop, O, kh, kw)
 
 
-def conv2d_binary_tiled(xp, C, wb, wpop, kh, kw, stride=(1, 1), padding=(0, 0),
-                        dilation=(1, 1)) -> np.ndarray:  # fmt: skip
-    """As :func:`conv2d_binary` with weights from :func:`prepare_binary_conv`: a register-
-    blocked XOR + popcount micro-kernel (4 pixels x 32 channels, vpopcntq on 512-bit
-    vectors) over a zero-padded copy of the input, border taps corrected exactly."""
-    sh, sw = _pair(stride, "stride", 1)
-    ph, pw = _pair(padding, "padding", 0)
-    dh, dw = _pair(dilation, "dilation", 1)
+def _padded(v: np.ndarray, n: int) -> np.ndarray:
+    """``v`` (1-D) extended with zeros to length ``n`` (itself when it has that length)."""
+    if v.shape[0] == n:
+        return v
+    out = np.zeros(n, v.dtype)
+    out[: v.shape[0]] = v
+    return out
+
+
+def binary_conv_fused(xpad, koff, pb: PackedBinaryConv, C, stride, padding, dilation, H, W,
+                      Ho, Wo, mode, scale, fbias, out) -> None:  # fmt: skip
+    """The XOR + popcount conv over a zero-padded packed input ``xpad [N, Hp, Wp, CW]``
+    (``koff``: word offset of each (tap, word) from a window's origin), written to ``out``:
+    mode 0 int32 NHWC accumulators, 1 float32 NHWC ``acc * scale + fbias``, 2 the same NCHW,
+    3 the signs of that packed ``[N, Ho, Wo, ceil(O/64)]``. Runs the C kernel where it is
+    available (``lowbit.runtime._cext``), else the numba one; both are exact."""
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    N, Hp, Wp, CW = xpad.shape
+    OB = pb.wb.shape[0]
+    if _cext.available():
+        Op = OB * 8
+        sc, fb = _padded(scale, Op), _padded(fbias, Op)
+        f = _cext.lib().xnor_conv
+        args = (xpad, koff, pb.wb, pb.wpop, sc, fb, N, Hp, Wp, CW, C, pb.kh, pb.kw, sh, sw, ph,
+                pw, dh, dw, H, W, Ho, Wo, pb.O, OB, mode, out)  # fmt: skip
+        _cext.parallel_rows(lambda r0, r1: f(*args, r0, r1), N * Ho, get_threads())
+        return
+    oi, of, of3, ob = _DI4, _DF4, _DF4, _DB4
+    if mode == 0:
+        oi = out
+    elif mode == 1:
+        of = out
+    elif mode == 2:
+        of3 = out
+    else:
+        ob = out
+    _bin_conv_tiled(xpad, koff, pb.wb, pb.wpop, C, pb.kh, pb.kw, sh, sw, ph, pw, dh, dw, H, W,
+                    Ho, Wo, pb.O, mode, scale, fbias, oi, of, of3, ob)  # fmt: skip
+
+
+def pad_binary_input(xp: np.ndarray, kh, kw, stride, padding, dilation):
+    """A zero-padded copy of packed signs ``xp [N, H, W, CW]`` and the word offsets of each
+    (tap, word) from a window's origin: the input of :func:`binary_conv_fused`."""
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
     N, H, W, CW = xp.shape
     Ho = _out_size(H, kh, sh, ph, dh, "height")
     Wo = _out_size(W, kw, sw, pw, dw, "width")
@@ -442,12 +505,27 @@ def conv2d_binary_tiled(xp, C, wb, wpop, kh, kw, stride=(1, 1), padding=(0, 0),
     Wp = max(W + 2 * pw, (Wo - 1) * sw + (kw - 1) * dw + 1)
     xpad = np.zeros((N, Hp, Wp, CW), np.uint64)
     xpad[:, ph : ph + H, pw : pw + W] = xp
-    koff = np.array([(i * dh * Wp + j * dw) * CW + c for i in range(kh) for j in range(kw)
+    return xpad, binary_koff(kh, kw, dh, dw, Wp, CW), Ho, Wo
+
+
+def binary_koff(kh, kw, dh, dw, Wp, CW) -> np.ndarray:
+    return np.array([(i * dh * Wp + j * dw) * CW + c for i in range(kh) for j in range(kw)
                      for c in range(CW)], np.int64)  # fmt: skip
-    O = wpop.shape[1]
-    out = np.empty((N, Ho, Wo, O), np.int32)
-    _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, W, Ho, Wo, O, 0,
-                    _DF, _DF, out, _DF4, _DF4, _DB4)  # fmt: skip
+
+
+def conv2d_binary_tiled(xp, C, pb: PackedBinaryConv, stride=(1, 1), padding=(0, 0),
+                        dilation=(1, 1)) -> np.ndarray:  # fmt: skip
+    """As :func:`conv2d_binary` with weights from :func:`prepare_binary_conv`: a register-
+    blocked XOR + popcount micro-kernel (C with AVX-512 where available, else numba with
+    vpopcntq on 512-bit vectors) over a zero-padded copy of the input, border taps corrected
+    exactly. Returns the int32 accumulators ``[N, Ho, Wo, O]``."""
+    st = _pair(stride, "stride", 1)
+    pd = _pair(padding, "padding", 0)
+    dl = _pair(dilation, "dilation", 1)
+    N, H, W, CW = xp.shape
+    xpad, koff, Ho, Wo = pad_binary_input(xp, pb.kh, pb.kw, st, pd, dl)
+    out = np.empty((N, Ho, Wo, pb.O), np.int32)
+    binary_conv_fused(xpad, koff, pb, C, st, pd, dl, H, W, Ho, Wo, 0, _DF, _DF, out)
     return out
 
 
@@ -926,6 +1004,61 @@ def _gemm_fused(vnni, xu, wp, w2d, init, O, mode, pre_shift, bias, m, n, half, l
                     orow[o] = ar[o]
 
 
+def gemm_fused(xu, pc: PackedConv, init, O, mode, pre_shift, bias, m, n, half, lo, hi,
+               scale, fbias, hw, out, interleaved: bool = False) -> None:  # fmt: skip
+    """The int8 GEMM of group 0 of ``pc`` over ``xu [P, Kp]`` (uint8) with the epilogue
+    fused, written to ``out`` (see ``_gemm_fused`` for the modes; ``out`` is the 2-D view
+    for modes 0, 1, 3, 4 and ``[N, O, hw]`` for mode 2). The C kernel where it runs (the
+    per-channel arrays padded to the packed channel count), else numba. ``interleaved``:
+    ``xu`` is ``[Kp/4, P, 4]`` (:func:`quant_nchw_k4`; C kernel only)."""
+    if _cext.available() and (mode != 0 or out.dtype.itemsize <= 4):
+        Op = init.shape[0]
+        f = _cext.lib().gemm_u8s8
+        isz = out.dtype.itemsize if mode == 0 else 4
+        if mode == 0:
+            bias, m, n, half = (_padded(v, Op) for v in (bias, m, n, half))
+        elif mode in (1, 2, 3):
+            scale, fbias = _padded(scale, Op), _padded(fbias, Op)
+        P, Kp = (xu.shape[1], xu.shape[0] * 4) if interleaved else xu.shape
+        args = (xu, interleaved, pc.wp[0], init, P, Kp, Op, O, mode, pre_shift, bias, m, n,
+                half, lo, hi, isz, scale, fbias, hw, out)  # fmt: skip
+        _cext.parallel_rows(lambda r0, r1: f(*args, r0, r1), P, get_threads(), align=_MR * _TB)
+        return
+    if interleaved:
+        raise ValueError("an interleaved GEMM input needs the C kernels")
+    oi, of, of3, ob = _OI2, _DF2, _DF3, _DB2
+    if mode in (0, 4):
+        oi = out
+    elif mode == 1:
+        of = out
+    elif mode == 2:
+        of3 = out
+    else:
+        ob = out
+    _gemm_fused(HAS_VNNI, xu, pc.wp[0], pc.w2d[0], init, O, mode, pre_shift, bias, m, n, half,
+                lo, hi, scale, fbias, hw, oi, of, of3, ob)  # fmt: skip
+
+
+def quant_nchw_k4(x, s, lo, hi, shift, sh, sw, Kp, out=None) -> np.ndarray:
+    """The GEMM input of a pointwise conv with stride (sh, sw) from an NCHW float32 input,
+    interleaved ``[Kp/4, N*Ho*Wo, 4]`` uint8: ``clip(rint(x / s), lo, hi) + shift`` (C
+    kernels only; no transpose, unlike ``_quant_rows_nchw``)."""
+    N, C, H, W = x.shape
+    Ho, Wo = (H - 1) // sh + 1, (W - 1) // sw + 1
+    if out is None:
+        out = np.empty((Kp // 4, N * Ho * Wo, 4), np.uint8)
+    f = _cext.lib().quant_k4
+    args = (x, float(s), float(lo), float(hi), int(shift), N, C, H, W, sh, sw, Kp, out)
+    _cext.parallel_rows(lambda r0, r1: f(*args, r0, r1), N * Ho, get_threads())
+    return out
+
+
+_OI2 = np.zeros((1, 1), np.int32)
+_DF2 = np.zeros((1, 1), np.float32)
+_DF3 = np.zeros((1, 1, 1), np.float32)
+_DB2 = np.zeros((1, 1), np.uint64)
+
+
 @njit(inline="always")
 def _q1(v, s, lo, hi):
     # clip(rint(v / s), lo, hi) in float32 (lo, hi float32)
@@ -1309,10 +1442,11 @@ def _check_weights(w, ndim: int) -> np.ndarray:
 
 
 def _pack_gemm(w2: np.ndarray):
-    """w2 [O, K] int8 -> (wp [Op/8, Kp/4, 8, 4], w2d [Op, Kp], corr [Op], zero [Op])."""
+    """w2 [O, K] int8 -> (wp [Op/8, Kp/4, 8, 4], w2d [Op, Kp], corr [Op], zero [Op]); Op = O
+    rounded up to a multiple of 16 (the C epilogue works on 16 channels at a time)."""
     O, K = w2.shape
     Kp = -(-K // 4) * 4
-    Op = -(-O // 8) * 8
+    Op = -(-O // 16) * 16
     w2d = np.zeros((Op, Kp), np.int8)
     w2d[:O, :K] = w2
     wp = np.ascontiguousarray(w2d.reshape(Op // 8, 8, Kp // 4, 4).transpose(0, 2, 1, 3))

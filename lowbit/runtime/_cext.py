@@ -1,0 +1,94 @@
+"""The C kernels of ``_lbk.c`` and the switch between them and numba.
+
+``available()`` is True when the extension was built (``pip install`` compiles it where a C
+compiler exists), this CPU runs AVX-512 (F/BW/DQ/VL/VPOPCNTDQ/VNNI), and the environment
+variable ``LOWBIT_NO_CEXT`` is unset or 0. Otherwise every kernel runs in numba (the
+portable path; both give bit-identical results). Multi-threading: the C functions take a
+row range and release the GIL; :func:`parallel_rows` splits the rows over a thread pool,
+using the thread count of :func:`lowbit.runtime.kernels.set_threads`.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+_mod = None
+_reason = ""
+
+
+def _load():
+    global _mod, _reason
+    if os.environ.get("LOWBIT_NO_CEXT", "") not in ("", "0"):
+        _reason = "disabled by LOWBIT_NO_CEXT"
+        return
+    try:
+        from . import _lbk
+    except ImportError as e:
+        _reason = f"extension not built ({e})"
+        return
+    if not _lbk.cpu_ok():
+        _reason = "this CPU lacks AVX-512 (F/BW/DQ/VL/VPOPCNTDQ/VNNI)"
+        return
+    if not hasattr(_lbk, "gemm_u8s8"):  # pragma: no cover - a stale build
+        _reason = f"stale build of {_lbk.__file__}: reinstall lowbit"
+        return
+    _mod = _lbk
+
+
+_load()
+
+
+def available() -> bool:
+    """True when the C kernels run (see the module docstring)."""
+    return _mod is not None
+
+
+def why_not() -> str:
+    """Why the C kernels do not run ("" when they do)."""
+    return _reason
+
+
+def lib():
+    """The extension module (``lowbit.runtime._lbk``), or None."""
+    return _mod
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_n = 0
+
+
+def parallel_rows(fn, rows: int, threads: int, align: int = 1) -> None:
+    """Run ``fn(r0, r1)`` over ``[0, rows)`` split in ``threads`` contiguous chunks (chunk
+    bounds multiples of ``align`` where that leaves every thread work)."""
+    global _pool, _pool_n
+    threads = max(1, min(threads, rows))
+    if threads == 1:
+        fn(0, rows)
+        return
+    if _pool is None or _pool_n != threads:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool, _pool_n = ThreadPoolExecutor(threads, thread_name_prefix="lowbit"), threads
+    if rows >= align * threads:
+        bounds = [rows * i // threads // align * align for i in range(threads)] + [rows]
+    else:
+        bounds = [rows * i // threads for i in range(threads + 1)]
+    futs = [_pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(threads)]
+    for f in futs:
+        f.result()
+
+
+class disabled:
+    """``with disabled():`` runs the numba kernels even where the C ones are available
+    (tests compare the two paths; not thread-safe)."""
+
+    def __enter__(self):
+        global _mod
+        self._saved, _mod = _mod, None
+        return self
+
+    def __exit__(self, *exc):
+        global _mod
+        _mod = self._saved
+        return False

@@ -1,0 +1,619 @@
+/*
+ * lowbit runtime: AVX-512 kernels in C (the fast path of lowbit.runtime.kernels).
+ *
+ * Built by the package's own build (setup.py, an optional extension: a machine without a
+ * C compiler still installs lowbit and runs the numba kernels). The functions are plain C
+ * called from Python through thin wrappers (lowbit/runtime/_cext.py calls them) that take
+ * numpy arrays by the buffer protocol, check every size against the geometry, and release
+ * the GIL while the kernel runs (threads split the output rows). Every kernel is compiled for
+ * AVX-512 (F, BW, DQ, VL, VPOPCNTDQ, VNNI) with a function-level target attribute, so the
+ * rest of the library builds for the baseline ISA; lb_cpu_ok() tells at run time whether
+ * this CPU (and its OS) can run them. Elsewhere the numba kernels run (the tested portable
+ * fallback; both paths give bit-identical results, see tests/test_cext.py).
+ *
+ * Compile with -ffp-contract=off: the float epilogues must round exactly as the numpy
+ * reference (a multiply, then an add; never a fused multiply-add).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define LB_X86 1
+#include <immintrin.h>
+#define LB_AVX512 \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx512vnni")))
+#endif
+
+/* 1 when the AVX-512 kernels can run here (CPU features and OS support for zmm state). */
+static int lb_cpu_ok(void)
+{
+#ifdef LB_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
+
+#ifdef LB_X86
+
+/* ------------------------------------------------------------------------------------
+ * Binary {-1,+1} x sign convolution: XOR + popcount.
+ *
+ * xpad  uint64 [N, Hp, Wp, CW]  packed signs, zero words in the padding (bit c%64 of word
+ *                               c/64 = 1 for +1)
+ * koff  int64  [T*CW]           word offset of each k (tap, word) from a window's origin
+ * wb    uint64 [OB, T*CW, 8]    weights in 8-channel blocks, OB a multiple of 4 (zero
+ *                               channels above O)
+ * wpop  int32  [T, Op]          popcount of each tap's weights (Op = 8*OB)
+ * scale, fbias float32 [Op]     epilogue (zero above O)
+ *
+ * For output pixel p and channel o, cnt = sum_k popcount(x_p[k] ^ w_o[k]) over all taps
+ * (a padded tap adds popcount(w_o[tap])); the conv value over the valid taps is
+ * acc = nvalid*C - 2*(cnt - sum_{padded taps} wpop[tap][o]). Modes:
+ *   0: out int32 [N, Ho, Wo, O] = acc
+ *   1: out float32 [N, Ho, Wo, O] = float(acc) * scale + fbias
+ *   2: as 1, NCHW [N, O, Ho, Wo]
+ *   3: out uint64 [N, Ho, Wo, ceil(O/64)]: bit o = (float(acc) * scale + fbias > 0)
+ * Rows r0 <= r < r1 of the N*Ho output rows are computed (threads split the rows).
+ * ------------------------------------------------------------------------------------ */
+
+#define XNV 4 /* 8-channel blocks per tile: 32 output channels */
+#define XMR 6 /* output pixels per tile */
+
+/* One tile: mr pixels (x0 + r*ps) x 32 channels (wb0, blocks wvs words apart);
+ * cnt[r*cs + 8*v + lane] = int32 popcount sums. */
+#define LB_XTILE(MR)                                                                         \
+    LB_AVX512 static void xtile_##MR(const uint64_t *x0, int64_t ps, const int64_t *koff,    \
+                                     int64_t nk, const uint64_t *wb0, int64_t wvs,           \
+                                     int32_t *cnt, int64_t cs)                               \
+    {                                                                                        \
+        __m512i acc[MR][XNV];                                                                \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                                         \
+            _Pragma("GCC unroll 8") for (int v = 0; v < XNV; v++) acc[r][v] = _mm512_setzero_si512();                \
+        for (int64_t k = 0; k < nk; k++) {                                                   \
+            const uint64_t *wk = wb0 + 8 * k;                                                \
+            __m512i w[XNV];                                                                  \
+            _Pragma("GCC unroll 8") for (int v = 0; v < XNV; v++) w[v] = _mm512_loadu_si512((const void *)(wk + v * wvs)); \
+            const uint64_t *xk = x0 + koff[k];                                               \
+            _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                                   \
+                __m512i xv = _mm512_set1_epi64((long long)xk[r * ps]);                      \
+                _Pragma("GCC unroll 8") for (int v = 0; v < XNV; v++)                                                \
+                    acc[r][v] = _mm512_add_epi64(                                            \
+                        acc[r][v], _mm512_popcnt_epi64(_mm512_xor_si512(xv, w[v])));         \
+            }                                                                                \
+        }                                                                                    \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                                         \
+            _Pragma("GCC unroll 8") for (int v = 0; v < XNV; v++)                                                    \
+                _mm256_storeu_si256((__m256i *)(cnt + r * cs + 8 * v),                       \
+                                    _mm512_cvtepi64_epi32(acc[r][v]));                       \
+    }
+
+LB_XTILE(1)
+LB_XTILE(2)
+LB_XTILE(3)
+LB_XTILE(4)
+LB_XTILE(5)
+LB_XTILE(6)
+
+typedef void (*xtile_fn)(const uint64_t *, int64_t, const int64_t *, int64_t, const uint64_t *,
+                         int64_t, int32_t *, int64_t);
+static const xtile_fn XTILES[XMR + 1] = {0,         xtile_1, xtile_2, xtile_3,
+                                         xtile_4, xtile_5, xtile_6};
+
+LB_AVX512 static inline __mmask16 tail16(int64_t n)
+{
+    return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+}
+
+LB_AVX512 static int lb_xnor_conv(const uint64_t *xpad, const int64_t *koff, const uint64_t *wb,
+                                     const int32_t *wpop, const float *scale, const float *fbias,
+                                     int64_t N, int64_t Hp, int64_t Wp, int64_t CW, int64_t C,
+                                     int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                                     int64_t pw, int64_t dh, int64_t dw, int64_t H, int64_t W,
+                                     int64_t Ho, int64_t Wo, int64_t O, int64_t OB, int mode,
+                                     void *out, int64_t r0, int64_t r1)
+{
+    const int64_t Op = 8 * OB, Kk = kh * kw * CW, wvs = Kk * 8, T = kh * kw;
+    const int64_t OW = (O + 63) / 64;
+    int32_t *cnt = (int32_t *)malloc((size_t)(Wo * Op + 16) * sizeof(int32_t));
+    int32_t *corr = (int32_t *)malloc((size_t)(Op + 16) * sizeof(int32_t));
+    float *rowf = mode == 2 ? (float *)malloc((size_t)(Wo * Op + 16) * sizeof(float)) : NULL;
+    if (!cnt || !corr || (mode == 2 && !rowf)) {
+        free(cnt);
+        free(corr);
+        free(rowf);
+        return -1;
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t n = r / Ho, ho = r % Ho;
+        const uint64_t *row0 = xpad + ((n * Hp + ho * sh) * Wp) * CW;
+        for (int64_t wo = 0; wo < Wo;) {
+            const int64_t mr = (Wo - wo) >= XMR ? XMR : (Wo - wo);
+            const uint64_t *x0 = row0 + wo * sw * CW;
+            for (int64_t ob = 0; ob < OB; ob += XNV)
+                XTILES[mr](x0, sw * CW, koff, Kk, wb + ob * wvs, wvs, cnt + wo * Op + ob * 8, Op);
+            wo += mr;
+        }
+        /* epilogue, 16 channels at a time */
+        const int64_t h0 = ho * sh - ph;
+        for (int64_t wo = 0; wo < Wo; wo++) {
+            const int64_t w0 = wo * sw - pw;
+            const int border =
+                h0 < 0 || h0 + (kh - 1) * dh >= H || w0 < 0 || w0 + (kw - 1) * dw >= W;
+            int64_t nvalid = T;
+            if (border) {
+                nvalid = 0;
+                memset(corr, 0, (size_t)Op * sizeof(int32_t));
+                for (int64_t i = 0; i < kh; i++) {
+                    const int64_t hi = h0 + i * dh;
+                    for (int64_t j = 0; j < kw; j++) {
+                        const int64_t wi = w0 + j * dw;
+                        if (hi < 0 || hi >= H || wi < 0 || wi >= W) {
+                            const int32_t *wt = wpop + (i * kw + j) * Op;
+                            for (int64_t o = 0; o < Op; o += 16)
+                                _mm512_storeu_si512(
+                                    (void *)(corr + o),
+                                    _mm512_add_epi32(_mm512_loadu_si512((const void *)(corr + o)),
+                                                     _mm512_loadu_si512((const void *)(wt + o))));
+                        } else {
+                            nvalid++;
+                        }
+                    }
+                }
+            }
+            const __m512i tot = _mm512_set1_epi32((int)(nvalid * C));
+            const int32_t *cp = cnt + wo * Op;
+            uint64_t word = 0;
+            for (int64_t o = 0; o < Op; o += 16) {
+                __m512i c = _mm512_loadu_si512((const void *)(cp + o));
+                if (border) c = _mm512_sub_epi32(c, _mm512_loadu_si512((const void *)(corr + o)));
+                const __m512i acc = _mm512_sub_epi32(tot, _mm512_slli_epi32(c, 1));
+                if (mode == 0) {
+                    if (o < O)
+                        _mm512_mask_storeu_epi32(
+                            (int32_t *)out + ((r * Wo + wo) * O + o), tail16(O - o), acc);
+                    continue;
+                }
+                const __m512 v =
+                    _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(scale + o)),
+                                  _mm512_loadu_ps(fbias + o));
+                if (mode == 3) {
+                    const uint64_t m = (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
+                    word |= m << (o & 63);
+                    if ((o & 63) == 48 || o + 16 >= Op) {
+                        if (o / 64 < OW) ((uint64_t *)out)[(r * Wo + wo) * OW + o / 64] = word;
+                        word = 0;
+                    }
+                } else if (mode == 1) {
+                    if (o < O)
+                        _mm512_mask_storeu_ps((float *)out + ((r * Wo + wo) * O + o), tail16(O - o),
+                                              v);
+                } else { /* NCHW: through the row buffer, transposed below */
+                    _mm512_storeu_ps(rowf + wo * Op + o, v);
+                }
+            }
+        }
+        if (mode == 2) { /* contiguous stores along the output row of each channel */
+            const __m512i idx = _mm512_mullo_epi32(
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                _mm512_set1_epi32((int)Op));
+            for (int64_t o = 0; o < O; o++) {
+                float *dst = (float *)out + ((n * O + o) * Ho + ho) * Wo;
+                for (int64_t wo = 0; wo < Wo; wo += 16) {
+                    const __mmask16 m = tail16(Wo - wo);
+                    const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx,
+                                                              rowf + wo * Op + o, 4);
+                    _mm512_mask_storeu_ps(dst + wo, m, g);
+                }
+            }
+        }
+    }
+    free(cnt);
+    free(corr);
+    free(rowf);
+    return 0;
+}
+
+
+/* ------------------------------------------------------------------------------------
+ * Integer GEMM with the epilogue fused: acc[p, o] = init[o] + sum_k xu[p, k] * w[o, k],
+ * xu uint8 [P, Kp] or, interleaved, [Kp/4, P, 4] (Kp % 4 == 0; int8 activations arrive
+ * as x ^ 0x80 with the correction in init), w int8 in the VNNI layout wz [Op/8, Kp/4, 8, 4] (Op % 16 == 0). vpdpbusd
+ * multiplies 4 unsigned by 4 signed bytes and adds them to an int32 lane. The tiles use
+ * 256-bit vectors (6 rows x 32 channels, 24 accumulators): on Zen 4, 512-bit vpdpbusd
+ * runs at half the rate of the 256-bit one, and measured 15% slower here.
+ * Modes (per row p < P and channel o < O):
+ *   0: out_i[p, o] = requant(acc) = clamp(round_half_away(((acc << pre_shift) + bias) * m
+ *                    / 2^n), lo, hi), stored with isz bytes (1 signed/unsigned by lo < 0, 2, 4)
+ *   1: out_f[p, o] = float(acc) * scale + fbias
+ *   2: as 1, stored NCHW: out[p / hw, o, p % hw]
+ *   3: the signs of 1 packed: out[p, o / 64] uint64
+ *   4: out[p, o] = acc (int32)
+ * Rows p0 <= p < p1 (threads split the rows).
+ * ------------------------------------------------------------------------------------ */
+
+#define GMR 6  /* rows per tile */
+#define GRB 24 /* rows per block (the epilogue's unit) */
+#ifndef GNV
+#define GNV 4 /* 8-channel blocks per tile */
+#endif
+
+#define LB_GTILE(MR, NV)                                                                      \
+    LB_AVX512 static void gtile_##MR##_##NV(const uint8_t *x0, int64_t xr, int64_t xk,       \
+                                             const int8_t *w0, int64_t wvs, int64_t k4,       \
+                                             const int32_t *init, int32_t *acc, int64_t as)   \
+    {                                                                                         \
+        __m256i a[MR][NV];                                                                    \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                \
+            const __m256i i0 = _mm256_loadu_si256((const __m256i *)(init + 8 * v));           \
+            _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) a[r][v] = i0;                \
+        }                                                                                     \
+        for (int64_t k = 0; k < k4; k++) {                                                    \
+            __m256i w[NV];                                                                    \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                              \
+                w[v] = _mm256_loadu_si256((const __m256i *)(w0 + v * wvs + 32 * k));          \
+            _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                            \
+                int32_t xi;                                                                   \
+                memcpy(&xi, x0 + r * xr + k * xk, 4);                                         \
+                const __m256i xv = _mm256_set1_epi32(xi);                                     \
+                _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                          \
+                    a[r][v] = _mm256_dpbusd_epi32(a[r][v], xv, w[v]);                         \
+            }                                                                                 \
+        }                                                                                     \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                  \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                              \
+                _mm256_storeu_si256((__m256i *)(acc + r * as + 8 * v), a[r][v]);              \
+    }
+
+#define LB_GTILES(MR) LB_GTILE(MR, 1) LB_GTILE(MR, 2) LB_GTILE(MR, 3) LB_GTILE(MR, 4)
+LB_GTILES(1)
+LB_GTILES(2)
+LB_GTILES(3)
+LB_GTILES(4)
+LB_GTILES(5)
+LB_GTILES(6)
+
+typedef void (*gtile_fn)(const uint8_t *, int64_t, int64_t, const int8_t *, int64_t, int64_t,
+                         const int32_t *, int32_t *, int64_t);
+#define LB_GROW(MR) {gtile_##MR##_1, gtile_##MR##_2, gtile_##MR##_3, gtile_##MR##_4}
+static const gtile_fn GTILES[GMR][4] = {LB_GROW(1), LB_GROW(2), LB_GROW(3),
+                                        LB_GROW(4), LB_GROW(5), LB_GROW(6)};
+
+/* requantize 16 int32 accumulators (two int64 halves) */
+LB_AVX512 static inline __m512i requant16(__m512i a, int pre_shift, const int64_t *bias,
+                                          const int64_t *m, const int64_t *n,
+                                          const int64_t *half, int64_t lo, int64_t hi)
+{
+    __m512i res[2];
+    for (int h = 0; h < 2; h++) {
+        const __m256i a32 = h ? _mm512_extracti64x4_epi64(a, 1) : _mm512_castsi512_si256(a);
+        __m512i p = _mm512_slli_epi64(_mm512_cvtepi32_epi64(a32), (unsigned)pre_shift);
+        p = _mm512_add_epi64(p, _mm512_loadu_si512((const void *)(bias + 8 * h)));
+        p = _mm512_mullo_epi64(p, _mm512_loadu_si512((const void *)(m + 8 * h)));
+        __m512i q = _mm512_add_epi64(_mm512_abs_epi64(p),
+                                     _mm512_loadu_si512((const void *)(half + 8 * h)));
+        q = _mm512_srlv_epi64(q, _mm512_loadu_si512((const void *)(n + 8 * h)));
+        const __mmask8 neg = _mm512_cmplt_epi64_mask(p, _mm512_setzero_si512());
+        q = _mm512_mask_sub_epi64(q, neg, _mm512_setzero_si512(), q);
+        q = _mm512_max_epi64(q, _mm512_set1_epi64(lo));
+        q = _mm512_min_epi64(q, _mm512_set1_epi64(hi));
+        res[h] = q;
+    }
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(res[0])),
+                              _mm512_cvtepi64_epi32(res[1]), 1);
+}
+
+LB_AVX512 static int lb_gemm_u8s8(const uint8_t *xu, int interleaved, const int8_t *wz,
+                                  const int32_t *init, int64_t P, int64_t Kp, int64_t Op,
+                                  int64_t O, int mode,
+                                     int pre_shift, const int64_t *bias, const int64_t *m,
+                                     const int64_t *n, const int64_t *half, int64_t lo,
+                                     int64_t hi, int isz, const float *scale, const float *fbias,
+                                     int64_t hw, void *out, int64_t p0, int64_t p1)
+{
+    const int64_t k4 = Kp / 4, wvs = k4 * 32, OB = Op / 8, OW = (O + 63) / 64;
+    /* row p's bytes k..k+3 at xu + p * xr + (k / 4) * xk: rows [P, Kp], or interleaved
+     * [Kp/4, P, 4] (the layout lb_quant_k4 writes from an NCHW input) */
+    const int64_t xr = interleaved ? 4 : Kp, xk = interleaved ? 4 * P : 4;
+    int32_t *acc = (int32_t *)malloc((size_t)(GRB * Op + 16) * sizeof(int32_t));
+    float *fb = mode == 2 ? (float *)malloc((size_t)(GRB * Op + 16) * sizeof(float)) : NULL;
+    if (!acc || (mode == 2 && !fb)) {
+        free(acc);
+        free(fb);
+        return -1;
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t pb = p0; pb < p1; pb += GRB) {
+        const int64_t nr = p1 - pb < GRB ? p1 - pb : GRB;
+        for (int64_t ob = 0; ob < OB; ob += GNV) {
+            const int64_t nv = OB - ob < GNV ? OB - ob : GNV;
+            for (int64_t r = 0; r < nr; r += GMR) {
+                const int64_t mr = nr - r < GMR ? nr - r : GMR;
+                GTILES[mr - 1][nv - 1](xu + (pb + r) * xr, xr, xk, wz + ob * wvs, wvs, k4,
+                                       init + 8 * ob, acc + r * Op + 8 * ob, Op);
+            }
+        }
+        for (int64_t r = 0; r < nr; r++) {
+            const int64_t p = pb + r;
+            const int32_t *ar = acc + r * Op;
+            uint64_t word = 0;
+            for (int64_t o = 0; o < Op; o += 16) {
+                const __m512i a = _mm512_loadu_si512((const void *)(ar + o));
+                const __mmask16 t = tail16(O - o);
+                if (o >= O && mode != 3) break;
+                if (mode == 4) {
+                    _mm512_mask_storeu_epi32((int32_t *)out + p * O + o, t, a);
+                    continue;
+                }
+                if (mode == 0) {
+                    const __m512i q = requant16(a, pre_shift, bias + o, m + o, n + o, half + o,
+                                                lo, hi);
+                    if (isz == 1)
+                        _mm_mask_storeu_epi8((int8_t *)out + p * O + o, t, _mm512_cvtepi32_epi8(q));
+                    else if (isz == 2)
+                        _mm256_mask_storeu_epi16((int16_t *)out + p * O + o, t,
+                                                 _mm512_cvtepi32_epi16(q));
+                    else
+                        _mm512_mask_storeu_epi32((int32_t *)out + p * O + o, t, q);
+                    continue;
+                }
+                const __m512 v = _mm512_add_ps(
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_loadu_ps(scale + o)),
+                    _mm512_loadu_ps(fbias + o));
+                if (mode == 1) {
+                    _mm512_mask_storeu_ps((float *)out + p * O + o, t, v);
+                } else if (mode == 2) {
+                    _mm512_storeu_ps(fb + r * Op + o, v);
+                } else {
+                    const uint64_t bits = (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
+                    word |= bits << (o & 63);
+                    if ((o & 63) == 48 || o + 16 >= Op) {
+                        if (o / 64 < OW) ((uint64_t *)out)[p * OW + o / 64] = word;
+                        word = 0;
+                    }
+                }
+            }
+        }
+        if (mode == 2) { /* runs of rows inside one image, stored along each channel */
+            /* (scalar: a 16-lane gather per channel measured 2x slower here) */
+            for (int64_t r = 0; r < nr;) {
+                const int64_t p = pb + r, img = p / hw, q0 = p - img * hw;
+                const int64_t seg = nr - r < hw - q0 ? nr - r : hw - q0;
+                for (int64_t o = 0; o < O; o++) {
+                    float *dst = (float *)out + (img * O + o) * hw + q0;
+                    for (int64_t j = 0; j < seg; j++) dst[j] = fb[(r + j) * Op + o];
+                }
+                r += seg;
+            }
+        }
+    }
+    free(acc);
+    free(fb);
+    return 0;
+}
+
+
+/* ------------------------------------------------------------------------------------
+ * Input quantization of an NCHW float32 tensor for the GEMM, without a transpose:
+ * q = clip(rint(x / s), lo, hi) + shift (uint8), for the pixels of a pointwise conv with
+ * stride (sh, sw), written interleaved: out[k / 4, p, k % 4] for GEMM row p = (n, ho, wo)
+ * and channel k < Kp (channels >= C are 0). Rows r0 <= r < r1 of the N*Ho rows.
+ * ------------------------------------------------------------------------------------ */
+LB_AVX512 static void lb_quant_k4(const float *x, float s, float lo, float hi, int shift,
+                                  int64_t N, int64_t C, int64_t H, int64_t W, int64_t sh,
+                                  int64_t sw, int64_t Kp, uint8_t *out, int64_t r0, int64_t r1)
+{
+    const int64_t Ho = (H - 1) / sh + 1, Wo = (W - 1) / sw + 1, P = N * Ho * Wo;
+    const __m512 vs = _mm512_set1_ps(s), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    const __m512i vsh = _mm512_set1_epi32(shift);
+    const __m512i gidx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)sw));
+    (void)N;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t n = r / Ho, ho = r % Ho;
+        for (int64_t k4 = 0; k4 < Kp / 4; k4++) {
+            uint8_t *dst = out + (k4 * P + r * Wo) * 4;
+            for (int64_t wo = 0; wo < Wo; wo += 16) {
+                const __mmask16 m = tail16(Wo - wo);
+                __m128i q[4];
+                for (int j = 0; j < 4; j++) {
+                    const int64_t c = 4 * k4 + j;
+                    if (c >= C) {
+                        q[j] = _mm_setzero_si128();
+                        continue;
+                    }
+                    const float *src = x + ((n * C + c) * H + ho * sh) * W + wo * sw;
+                    const __m512 v = sw == 1 ? _mm512_maskz_loadu_ps(m, src)
+                                             : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m,
+                                                                        gidx, src, 4);
+                    __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v, vs),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
+                    q[j] = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(t), vsh));
+                }
+                const __m128i a = _mm_unpacklo_epi8(q[0], q[1]), b = _mm_unpackhi_epi8(q[0], q[1]);
+                const __m128i c = _mm_unpacklo_epi8(q[2], q[3]), d = _mm_unpackhi_epi8(q[2], q[3]);
+                const __m512i all = _mm512_inserti64x4(
+                    _mm512_castsi256_si512(_mm256_set_m128i(_mm_unpackhi_epi16(a, c),
+                                                            _mm_unpacklo_epi16(a, c))),
+                    _mm256_set_m128i(_mm_unpackhi_epi16(b, d), _mm_unpacklo_epi16(b, d)), 1);
+                _mm512_mask_storeu_epi32(dst + 4 * wo, m, all);
+            }
+        }
+    }
+}
+
+#endif /* LB_X86 */
+
+/* ------------------------------------------------------------------------------------
+ * The Python module: cpu_ok(), xnor_conv(...), gemm_u8s8(...), quant_k4(...). Arrays arrive as C-contiguous
+ * buffers; every size is checked before the kernel runs (a ValueError, never a wild read).
+ * ------------------------------------------------------------------------------------ */
+
+static PyObject *py_cpu_ok(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(lb_cpu_ok());
+}
+
+#ifdef LB_X86
+static int need(const Py_buffer *b, int64_t bytes, const char *what)
+{
+    if (bytes < 0 || b->len < bytes) {
+        PyErr_Format(PyExc_ValueError, "_lbk: %s has %zd bytes, needs %lld", what, b->len,
+                     (long long)bytes);
+        return 0;
+    }
+    return 1;
+}
+
+static void release(Py_buffer *b, int n)
+{
+    for (int i = 0; i < n; i++) PyBuffer_Release(&b[i]);
+}
+
+static PyObject *py_xnor_conv(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer b[7];
+    long long N, Hp, Wp, CW, C, kh, kw, sh, sw, ph, pw, dh, dw, H, W, Ho, Wo, O, OB, r0, r1;
+    int mode;
+    memset(b, 0, sizeof b);
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*LLLLLLLLLLLLLLLLLLLiw*LL", &b[0], &b[1], &b[2],
+                          &b[3], &b[4], &b[5], &N, &Hp, &Wp, &CW, &C, &kh, &kw, &sh, &sw, &ph,
+                          &pw, &dh, &dw, &H, &W, &Ho, &Wo, &O, &OB, &mode, &b[6], &r0, &r1))
+        return NULL;
+    const int64_t T = kh * kw, Op = 8 * OB, OW = (O + 63) / 64;
+    int ok = N >= 0 && CW >= 1 && kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && dh >= 1 &&
+             dw >= 1 && Ho >= 1 && Wo >= 1 && O >= 1 && OB % 4 == 0 && Op >= O &&
+             mode >= 0 && mode <= 3 && 0 <= r0 && r0 <= r1 && r1 <= N * Ho && C <= 64 * CW &&
+             (Ho - 1) * sh + (kh - 1) * dh < Hp && (Wo - 1) * sw + (kw - 1) * dw < Wp;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "_lbk.xnor_conv: inconsistent geometry");
+        release(b, 7);
+        return NULL;
+    }
+    const int64_t outn = mode == 3 ? N * Ho * Wo * OW * 8 : N * Ho * Wo * O * 4;
+    if (!need(&b[0], N * Hp * Wp * CW * 8, "xpad") || !need(&b[1], T * CW * 8, "koff") ||
+        !need(&b[2], OB * T * CW * 64, "wb") || !need(&b[3], T * Op * 4, "wpop") ||
+        (mode && (!need(&b[4], Op * 4, "scale") || !need(&b[5], Op * 4, "fbias"))) ||
+        !need(&b[6], outn, "out")) {
+        release(b, 7);
+        return NULL;
+    }
+    const int64_t *koff = (const int64_t *)b[1].buf;
+    for (int64_t k = 0; k < T * CW; k++) /* every word a window reads lies in its image */
+        if (koff[k] < 0 || koff[k] + ((Ho - 1) * sh * Wp + (Wo - 1) * sw) * CW >= Hp * Wp * CW) {
+            PyErr_SetString(PyExc_ValueError, "_lbk.xnor_conv: koff out of range");
+            release(b, 7);
+            return NULL;
+        }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = lb_xnor_conv(b[0].buf, koff, b[2].buf, b[3].buf, b[4].buf, b[5].buf, N, Hp, Wp, CW, C,
+                      kh, kw, sh, sw, ph, pw, dh, dw, H, W, Ho, Wo, O, OB, mode, b[6].buf, r0,
+                      r1);
+    Py_END_ALLOW_THREADS
+    release(b, 7);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_gemm_u8s8(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer b[10];
+    long long P, Kp, Op, O, lo, hi, hw, p0, p1;
+    int interleaved, mode, pre_shift, isz;
+    memset(b, 0, sizeof b);
+    if (!PyArg_ParseTuple(args, "y*py*y*LLLLiiy*y*y*y*LLiy*y*Lw*LL", &b[0], &interleaved, &b[1],
+                          &b[2], &P, &Kp, &Op, &O, &mode, &pre_shift, &b[3], &b[4], &b[5], &b[6],
+                          &lo, &hi, &isz, &b[7], &b[8], &hw, &b[9], &p0, &p1))
+        return NULL;
+    const int ok = P >= 0 && Kp >= 4 && Kp % 4 == 0 && Op % 16 == 0 && O >= 1 && Op >= O &&
+                   mode >= 0 && mode <= 4 && pre_shift >= 0 && pre_shift < 32 &&
+                   (isz == 1 || isz == 2 || isz == 4) && hw >= 1 && 0 <= p0 && p0 <= p1 &&
+                   p1 <= P && (mode != 2 || P % hw == 0);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "_lbk.gemm_u8s8: inconsistent arguments");
+        release(b, 10);
+        return NULL;
+    }
+    const int64_t OW = (O + 63) / 64;
+    const int64_t outn = mode == 3 ? P * OW * 8 : P * O * (mode == 0 ? isz : 4);
+    if (!need(&b[0], P * Kp, "xu") || !need(&b[1], Op * Kp, "w") || !need(&b[2], Op * 4, "init") ||
+        (mode == 0 && (!need(&b[3], Op * 8, "bias") || !need(&b[4], Op * 8, "m") ||
+                       !need(&b[5], Op * 8, "n") || !need(&b[6], Op * 8, "half"))) ||
+        (mode >= 1 && mode <= 3 && (!need(&b[7], Op * 4, "scale") || !need(&b[8], Op * 4, "fbias"))) ||
+        !need(&b[9], outn, "out")) {
+        release(b, 10);
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = lb_gemm_u8s8(b[0].buf, interleaved, b[1].buf, b[2].buf, P, Kp, Op, O, mode, pre_shift, b[3].buf,
+                      b[4].buf, b[5].buf, b[6].buf, lo, hi, isz, b[7].buf, b[8].buf, hw, b[9].buf,
+                      p0, p1);
+    Py_END_ALLOW_THREADS
+    release(b, 10);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_quant_k4(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer b[2];
+    float sc, lo, hi;
+    int shift;
+    long long N, C, H, W, sh, sw, Kp, r0, r1;
+    memset(b, 0, sizeof b);
+    if (!PyArg_ParseTuple(args, "y*fffiLLLLLLLw*LL", &b[0], &sc, &lo, &hi, &shift, &N, &C, &H,
+                          &W, &sh, &sw, &Kp, &b[1], &r0, &r1))
+        return NULL;
+    const int ok = N >= 0 && C >= 1 && H >= 1 && W >= 1 && sh >= 1 && sw >= 1 && Kp >= C &&
+                   Kp % 4 == 0 && 0 <= r0 && r0 <= r1 && r1 <= N * ((H - 1) / sh + 1);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "_lbk.quant_k4: inconsistent arguments");
+        release(b, 2);
+        return NULL;
+    }
+    const int64_t P = N * ((H - 1) / sh + 1) * ((W - 1) / sw + 1);
+    if (!need(&b[0], N * C * H * W * 4, "x") || !need(&b[1], P * Kp, "out")) {
+        release(b, 2);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    lb_quant_k4(b[0].buf, sc, lo, hi, shift, N, C, H, W, sh, sw, Kp, b[1].buf, r0, r1);
+    Py_END_ALLOW_THREADS
+    release(b, 2);
+    Py_RETURN_NONE;
+}
+#endif /* LB_X86 */
+
+static PyMethodDef lbk_methods[] = {
+    {"cpu_ok", py_cpu_ok, METH_NOARGS, "True when this CPU runs the AVX-512 kernels."},
+#ifdef LB_X86
+    {"xnor_conv", py_xnor_conv, METH_VARARGS, "Binary conv (XOR + popcount), fused epilogue."},
+    {"gemm_u8s8", py_gemm_u8s8, METH_VARARGS, "uint8 x int8 GEMM (VNNI), fused epilogue."},
+    {"quant_k4", py_quant_k4, METH_VARARGS, "NCHW float32 -> interleaved uint8 GEMM input."},
+#endif
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef lbk_module = {
+    PyModuleDef_HEAD_INIT, "_lbk", "lowbit's AVX-512 kernels (C); see lowbit.runtime._cext.", -1,
+    lbk_methods,
+};
+
+PyMODINIT_FUNC PyInit__lbk(void) { return PyModule_Create(&lbk_module); }

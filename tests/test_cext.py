@@ -1,0 +1,215 @@
+"""The C (AVX-512) kernels against the numba ones and against the reference kernels.
+
+Both paths must give bit-identical results. Where the extension is not built or the CPU
+lacks AVX-512 these tests skip, unless LOWBIT_REQUIRE_CEXT=1 (set by .ci/run on machines
+that can build and run it) turns that into a failure: a silently failed build must not
+pass CI.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.runtime import _cext
+from lowbit.runtime import kernels as K
+
+REQUIRED = os.environ.get("LOWBIT_REQUIRE_CEXT", "") not in ("", "0")
+
+
+def test_extension_available_where_required():
+    if REQUIRED:
+        assert _cext.available(), f"C kernels required but not available: {_cext.why_not()}"
+    elif not _cext.available():
+        pytest.skip(f"C kernels not available: {_cext.why_not()}")
+
+
+needs_c = pytest.mark.skipif(not _cext.available() and not REQUIRED,
+                             reason=f"C kernels not available: {_cext.why_not()}")  # fmt: skip
+
+
+def _signs(rng, shape):
+    return np.where(rng.standard_normal(shape) >= 0, 1, -1).astype(np.int8)
+
+
+def _binary_case(rng, n, c, o, kh, kw, h, w, stride, pad, dil):
+    xp = K.pack_signs(_signs(rng, (n, h, w, c)))
+    wcodes = _signs(rng, (o, kh, kw, c))
+    pb = K.prepare_binary_conv(K.pack_binary_weights(wcodes))
+    xpad, koff, ho, wo = K.pad_binary_input(xp, kh, kw, stride, pad, dil)
+    sc = rng.standard_normal(o).astype(np.float32)
+    fb = rng.standard_normal(o).astype(np.float32)
+    return xp, wcodes, pb, xpad, koff, ho, wo, sc, fb
+
+
+def _bin_out(mode, n, o, ho, wo):
+    return {
+        0: np.empty((n, ho, wo, o), np.int32),
+        1: np.empty((n, ho, wo, o), np.float32),
+        2: np.empty((n, o, ho, wo), np.float32),
+        3: np.empty((n, ho, wo, -(-o // 64)), np.uint64),
+    }[mode]
+
+
+@needs_c
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n=st.integers(1, 2),
+    c=st.integers(1, 200),
+    o=st.integers(1, 140),
+    k=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    hw=st.tuples(st.integers(3, 11), st.integers(3, 11)),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    pad=st.tuples(st.integers(0, 1), st.integers(0, 1)),
+    dil=st.tuples(st.just(1), st.integers(1, 2)),
+    threads=st.sampled_from([1, 2]),
+)
+def test_xnor_conv_c_equals_numba_and_reference(seed, n, c, o, k, hw, stride, pad, dil, threads):
+    kh, kw = k
+    h, w = hw
+    if w + 2 * pad[1] < (kw - 1) * dil[1] + 1 or h + 2 * pad[0] < kh:
+        return
+    rng = np.random.default_rng(seed)
+    xp, wcodes, pb, xpad, koff, ho, wo, sc, fb = _binary_case(rng, n, c, o, kh, kw, h, w, stride,
+                                                              pad, dil)  # fmt: skip
+    ref = K.conv2d_binary(xp, c, K.pack_binary_weights(wcodes), kh, kw, stride, pad, dil)
+    K.set_threads(min(threads, K.numba.config.NUMBA_NUM_THREADS))
+    try:
+        for mode in range(4):
+            got = _bin_out(mode, n, o, ho, wo)
+            K.binary_conv_fused(xpad, koff, pb, c, stride, pad, dil, h, w, ho, wo, mode, sc, fb,
+                                got)  # fmt: skip
+            want = _bin_out(mode, n, o, ho, wo)
+            with _cext.disabled():
+                K.binary_conv_fused(xpad, koff, pb, c, stride, pad, dil, h, w, ho, wo, mode, sc,
+                                    fb, want)  # fmt: skip
+            np.testing.assert_array_equal(got, want, err_msg=f"mode {mode}")
+            if mode == 0:
+                np.testing.assert_array_equal(got, ref)
+            if mode == 1:  # the float epilogue: multiply then add, in float32
+                np.testing.assert_array_equal(got, ref.astype(np.float32) * sc + fb)
+            if mode == 3:
+                bits = ref.astype(np.float32) * sc + fb > 0
+                np.testing.assert_array_equal(got, K.pack_signs(np.where(bits, 1, -1).astype(
+                    np.int8)))  # fmt: skip
+    finally:
+        K.set_threads(1)
+
+
+def _gemm_case(rng, p, k, o, signed):
+    w = rng.integers(-127, 128, (o, k)).astype(np.int8)
+    pc = K.prepare_linear(w)
+    kp = pc.wp.shape[2] * 4
+    x = rng.integers(-127, 128, (p, k)) if signed else rng.integers(0, 256, (p, k))
+    xu = np.zeros((p, kp), np.uint8)
+    xu[:, :k] = (x + 128 if signed else x).astype(np.uint8)
+    init = pc.corr[0] if signed else pc.zero[0]
+    return w, x, pc, xu, init
+
+
+@needs_c
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    p=st.integers(1, 70),
+    k=st.integers(1, 150),
+    o=st.integers(1, 100),
+    signed=st.booleans(),
+    out_dtype=st.sampled_from([np.uint8, np.int8, np.int16, np.int32]),
+    threads=st.sampled_from([1, 2]),
+)
+def test_gemm_c_equals_numba_every_mode(seed, p, k, o, signed, out_dtype, threads):
+    rng = np.random.default_rng(seed)
+    w, x, pc, xu, init = _gemm_case(rng, p, k, o, signed)
+    acc_ref = x.astype(np.int64) @ w.T.astype(np.int64)
+    op = init.shape[0]
+    info = np.iinfo(out_dtype)
+    bias = K._padded(rng.integers(-1000, 1000, o).astype(np.int64), op)
+    m = K._padded(rng.integers(1, 2**15, o).astype(np.int64), op)
+    n = K._padded(rng.integers(10, 24, o).astype(np.int64), op)
+    half = np.left_shift(np.int64(1), n - 1)
+    sc = K._padded(rng.standard_normal(o).astype(np.float32), op)
+    fb = K._padded(rng.standard_normal(o).astype(np.float32), op)
+    hw = int(rng.choice([d for d in range(1, p + 1) if p % d == 0]))
+    outs = {
+        0: lambda: np.empty((p, o), out_dtype),
+        1: lambda: np.empty((p, o), np.float32),
+        2: lambda: np.empty((p // hw, o, hw), np.float32),
+        3: lambda: np.empty((p, -(-o // 64)), np.uint64),
+        4: lambda: np.empty((p, o), np.int32),
+    }
+    K.set_threads(min(threads, K.numba.config.NUMBA_NUM_THREADS))
+    try:
+        for mode in range(5):
+            args = (pc, init, o, mode, 1, bias, m, n, half, max(info.min, -(2**31)),
+                    min(info.max, 2**31 - 1), sc, fb, hw)  # fmt: skip
+            got, want = outs[mode](), outs[mode]()
+            K.gemm_fused(xu, *args, got)
+            with _cext.disabled():
+                K.gemm_fused(xu, *args, want)
+            np.testing.assert_array_equal(got, want, err_msg=f"mode {mode}")
+            if mode == 4:
+                np.testing.assert_array_equal(got, acc_ref)
+            # the interleaved input layout [Kp/4, P, 4] gives the same results
+            xi = np.ascontiguousarray(xu.reshape(p, -1, 4).transpose(1, 0, 2))
+            got2 = outs[mode]()
+            K.gemm_fused(xi, *args, got2, interleaved=True)
+            np.testing.assert_array_equal(got2, want, err_msg=f"interleaved mode {mode}")
+    finally:
+        K.set_threads(1)
+
+
+@needs_c
+@pytest.mark.parametrize("c,stride", [(256, 1), (13, 1), (30, 2), (5, 3)])
+def test_quant_k4_equals_the_row_quantizer(c, stride):
+    rng = np.random.default_rng(c)
+    x = (rng.standard_normal((2, c, 9, 21)) * 40).astype(np.float32)
+    x[0, 0, 0, :4] = [0.5, 1.5, -0.5, -2.5]  # ties round to even, as np.rint
+    kp = -(-c // 4) * 4
+    for s, lo, hi, shift in ((np.float32(0.37), -127, 127, 128), (np.float32(1.0), 0, 255, 0)):
+        ho, wo = (9 - 1) // stride + 1, (21 - 1) // stride + 1
+        rows = np.empty((2 * ho * wo, kp), np.uint8)
+        K._quant_rows_nchw(x, s, lo, hi, shift, stride, stride, rows)
+        got = K.quant_nchw_k4(x, s, lo, hi, shift, stride, stride, kp)
+        np.testing.assert_array_equal(got, rows.reshape(-1, kp // 4, 4).transpose(1, 0, 2))
+
+
+@needs_c
+def test_wrong_sizes_are_value_errors_not_crashes():
+    lib = _cext.lib()
+    small = np.zeros(4, np.uint8)
+    w = np.zeros((2, 1, 8, 4), np.int8)
+    init = np.zeros(16, np.int32)
+    f32 = np.zeros(16, np.float32)
+    i64 = np.zeros(16, np.int64)
+    with pytest.raises(ValueError, match="xu"):
+        lib.gemm_u8s8(small, False, w, init, 8, 4, 16, 10, 1, 0, i64, i64, i64, i64, 0, 0, 4,
+                      f32, f32, 1, np.zeros((8, 10), np.float32), 0, 8)  # fmt: skip
+    with pytest.raises(ValueError, match="out"):
+        lib.gemm_u8s8(np.zeros((8, 4), np.uint8), False, w, init, 8, 4, 16, 10, 1, 0, i64, i64,
+                      i64, i64, 0, 0, 4, f32, f32, 1, np.zeros(3, np.float32), 0, 8)  # fmt: skip
+    with pytest.raises(ValueError, match="inconsistent"):  # rows past P
+        lib.gemm_u8s8(np.zeros((8, 4), np.uint8), False, w, init, 8, 4, 16, 10, 1, 0, i64, i64,
+                      i64, i64, 0, 0, 4, f32, f32, 1, np.zeros((8, 10), np.float32), 0,
+                      9)  # fmt: skip
+    rng = np.random.default_rng(0)
+    xp, _, pb, xpad, koff, ho, wo, sc, fb = _binary_case(rng, 1, 64, 32, 3, 3, 5, 5, (1, 1),
+                                                         (1, 1), (1, 1))  # fmt: skip
+    args = [xpad, koff, pb.wb, pb.wpop, sc, fb, 1, 7, 7, 1, 64, 3, 3, 1, 1, 1, 1, 1, 1, 5, 5, ho,
+            wo, 32, pb.wb.shape[0], 1, np.zeros((1, ho, wo, 32), np.float32), 0, ho]  # fmt: skip
+    lib.xnor_conv(*args)  # the consistent call runs
+    bad_koff = koff.copy()
+    bad_koff[-1] = 10**6
+    with pytest.raises(ValueError, match="koff"):
+        lib.xnor_conv(*(args[:1] + [bad_koff] + args[2:]))
+    with pytest.raises(ValueError, match="out"):
+        lib.xnor_conv(*(args[:-3] + [np.zeros(5, np.float32)] + args[-2:]))
+    with pytest.raises(TypeError):  # a read-only output buffer
+        ro = np.zeros((1, ho, wo, 32), np.float32)
+        ro.flags.writeable = False
+        lib.xnor_conv(*(args[:-3] + [ro] + args[-2:]))
