@@ -62,23 +62,28 @@ def main() -> None:
         return train_model("mobilenetv2", "cifar10", out, cfg, model_kwargs={"width": args.width},
                            limit_train=lim, resume=resume)  # fmt: skip
 
-    fp_ckpt = fp_run(root / "fp", fp_cfg)["checkpoint"]
+    # one folder per setting (a resumed run must never pick up another setting's checkpoint)
+    sfx = f"-s{args.seed}" if args.seed else ""
+    fp_ckpt = fp_run(root / f"fp{args.fp_epochs}{sfx}", fp_cfg)["checkpoint"]
     qat_cfg = TrainConfig(epochs=args.qat_epochs, batch_size=128, optimizer="sgd",
                           lr=args.qat_lr, weight_decay=4e-5, seed=args.seed,
                           progress=progress)  # fmt: skip
-    res = compress_model("prom", "mobilenetv2", "cifar10", root / "prom", qat_cfg,
+    prom_dir = root / f"prom-fp{args.fp_epochs}-qat{args.qat_epochs}-lr{args.qat_lr:g}{sfx}"
+    res = compress_model("prom", "mobilenetv2", "cifar10", prom_dir, qat_cfg,
                          from_checkpoint=fp_ckpt, limit_train=lim, resume=True)  # fmt: skip
     total = args.fp_epochs + args.qat_epochs
     baselines = json.loads((HERE / "results" / "baselines.json").read_text())
     base = baselines.get("mobilenetv2-w0.5-cifar10", {})
     reuse = lim is None and args.width == 0.5 and base.get("epochs") == total
     if not reuse:  # train the same-budget FP reference here
-        ref = fp_run(root / "fp-same-budget", replace(fp_cfg, epochs=total))
+        ref = fp_run(root / f"fp{total}{sfx}", replace(fp_cfg, epochs=total))
         base = {"test_accuracy": ref["test_accuracy"], "epochs": total}
     out = {
         "command": "LOWBIT_DATA=../shared/data python bench/prom_cifar.py "
-        f"--width {args.width} --fp-epochs {args.fp_epochs} --qat-epochs {args.qat_epochs}"
-        + (f" --limit-train {lim}" if lim else ""),
+        f"--width {args.width} --fp-epochs {args.fp_epochs} --qat-epochs {args.qat_epochs} "
+        f"--qat-lr {args.qat_lr:g}"
+        + (f" --limit-train {lim}" if lim else "")
+        + (f" --seed {args.seed}" if args.seed else ""),
         "model": f"mobilenetv2, width={args.width}",
         "data": f"cifar10 ({lim or 50000:,} train / 10,000 test)",
         "limit_train": lim,
@@ -86,6 +91,7 @@ def main() -> None:
         "threads": args.threads,
         "fp_epochs": args.fp_epochs,
         "qat_epochs": args.qat_epochs,
+        "qat_lr": args.qat_lr,
         "fp_start_test_accuracy": res["fp_test_accuracy"],
         "prom_test_accuracy": res["test_accuracy"],
         "prom_qat_seconds": res["seconds"],
@@ -99,7 +105,13 @@ def main() -> None:
         "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
     }
     name = f"prom_cifar_limit{lim}" if lim else "prom_cifar"
-    write_json(HERE / "results" / f"{name}.json", out)
+    # every setting ever run stays in the file ("tried"; a rerun replaces its own line)
+    prev_path = HERE / "results" / f"{name}.json"
+    prev = json.loads(prev_path.read_text()) if prev_path.exists() else {}
+    tried = prev.get("tried") or ([_tried(prev)] if "prom_test_accuracy" in prev else [])
+    tried = [t for t in tried if t["key"] != _tried(out)["key"]] + [_tried(out)]
+    out["tried"] = tried
+    write_json(prev_path, out)
     gap = None
     if out["same_budget_fp_test_accuracy"] is not None:
         gap = 100 * (out["same_budget_fp_test_accuracy"] - out["prom_test_accuracy"])
@@ -132,8 +144,26 @@ def main() -> None:
         f"energy x{out['energy_vs_fp16']:.2f} vs fp16 (operand-width convention); "
         f"QAT {out['prom_qat_seconds']:.0f} s."
     )
+    if len(tried) > 1:
+        lines += ["", "Every setting tried (each its own command):", "",
+                  "| FP + QAT epochs | QAT lr | seed | FP same budget | PROM | gap |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for t in tried:
+            ref_acc = t["same_budget_fp_test_accuracy"]
+            gap_t = "-" if ref_acc is None else f"{100 * (ref_acc - t['prom']):.2f} pts"
+            lines.append(f"| {t['fp_epochs']} + {t['qat_epochs']} | {t['qat_lr']} | "
+                         f"{t['seed']} | {'-' if ref_acc is None else f'{100 * ref_acc:.2f}%'} | "
+                         f"{100 * t['prom']:.2f}% | {gap_t} |")  # fmt: skip
     (HERE / "results" / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _tried(r: dict) -> dict:
+    lr = r.get("qat_lr", 0.01)  # runs before the option was recorded used the default
+    key = f"{r['fp_epochs']}+{r['qat_epochs']}-lr{lr:g}-s{r.get('seed', 0)}"
+    return {"key": key, "fp_epochs": r["fp_epochs"], "qat_epochs": r["qat_epochs"],
+            "qat_lr": lr, "seed": r.get("seed", 0), "prom": r["prom_test_accuracy"],
+            "same_budget_fp_test_accuracy": r.get("same_budget_fp_test_accuracy")}  # fmt: skip
 
 
 if __name__ == "__main__":

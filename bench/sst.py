@@ -154,18 +154,19 @@ def accuracy(task: str, presets, args) -> dict:
         args.cifar_fp_epochs, args.cifar_qat_epochs)  # fmt: skip
     root = Path(args.runs_dir) / task
     progress = sys.stderr.isatty()
+    sfx = f"-s{args.seed}" if args.seed else ""  # seed 0 keeps the folder names of old runs
 
     def cfg(epochs, lr_):
         return TrainConfig(epochs=epochs, batch_size=128, optimizer="sgd", lr=lr_,
                            weight_decay=wd, seed=args.seed, progress=progress)  # fmt: skip
 
-    fp_start = _fp_run(model, data, root / f"fp{fp1}", cfg(fp1, lr), kwargs)
-    ref = _fp_run(model, data, root / f"fp{fp1 + qat}", cfg(fp1 + qat, lr), kwargs)
+    fp_start = _fp_run(model, data, root / f"fp{fp1}{sfx}", cfg(fp1, lr), kwargs)
+    ref = _fp_run(model, data, root / f"fp{fp1 + qat}{sfx}", cfg(fp1 + qat, lr), kwargs)
     rows = []
     for n, k in presets:
         res = compress_model(
             # one folder per setting: a resumed run must never pick up another's checkpoint
-            "sst", model, data, root / f"sst-{n}-{k}-fp{fp1}-qat{qat}-lr{args.qat_lr:g}",
+            "sst", model, data, root / f"sst-{n}-{k}-fp{fp1}-qat{qat}-lr{args.qat_lr:g}{sfx}",
             cfg(qat, args.qat_lr),
             from_checkpoint=fp_start["checkpoint"], method_options={"n": n, "k": k},
             resume=True,
@@ -183,7 +184,8 @@ def accuracy(task: str, presets, args) -> dict:
         "data": data,
         "command": f"LOWBIT_DATA=../shared/data python bench/sst.py --part {task} "
         f"--{task}-fp-epochs {fp1} --{task}-qat-epochs {qat} --qat-lr {args.qat_lr} "
-        f"--presets {' '.join(f'{n},{k}' for n, k in presets)}",
+        f"--presets {' '.join(f'{n},{k}' for n, k in presets)}"
+        + (f" --seed {args.seed}" if args.seed else ""),
         "seed": args.seed,
         "threads": args.threads,
         "fp_epochs": fp1,
@@ -282,18 +284,29 @@ def markdown(res: dict) -> str:
         tried = res.get(f"{task}_tried", [])
         if len(tried) > 1:
             out += [
-                f"Every setting tried on {title} (same seed; each its own command):",
+                f"Every setting tried on {title} (each its own command; the FP reference "
+                "trained with the same seed and budget):",
                 "",
-                "| FP + QAT epochs | QAT lr | preset | FP ref | SST | gap |",
-                "|---|---|---|---|---|---|",
+                "| FP + QAT epochs | QAT lr | preset | seed | FP ref | SST | gap |",
+                "|---|---|---|---|---|---|---|",
             ]
+            groups: dict = {}
             for t in tried:
+                gap = 100 * (t["fp_reference"] - t["test_accuracy"])
+                g = (t["fp_epochs"], t["qat_epochs"], t["qat_lr"], t["n"], t["k"])
+                groups.setdefault(g, []).append(gap)
                 out.append(
                     f"| {t['fp_epochs']} + {t['qat_epochs']} | {t['qat_lr']} | "
-                    f"({t['n']}, {t['k']}) | {100 * t['fp_reference']:.2f}% | "
-                    f"{100 * t['test_accuracy']:.2f}% | "
-                    f"{100 * (t['fp_reference'] - t['test_accuracy']):.2f} pts |"
+                    f"({t['n']}, {t['k']}) | {t.get('seed', 0)} | "
+                    f"{100 * t['fp_reference']:.2f}% | {100 * t['test_accuracy']:.2f}% | "
+                    f"{gap:.2f} pts |"
                 )
+            out.append("")
+            for (f, q, lr_, n, k), gaps in groups.items():
+                if len(gaps) > 1:
+                    out.append(f"- {f} + {q} epochs, QAT lr {lr_}, ({n}, {k}): mean gap over "
+                               f"{len(gaps)} seeds {sum(gaps) / len(gaps):.2f} pts "
+                               f"({', '.join(f'{v:.2f}' for v in gaps)})")  # fmt: skip
             out.append("")
     return "\n".join(out)
 
@@ -303,13 +316,16 @@ def _remember(res: dict, task: str) -> None:
     so the table of settings tried shows every split and learning rate, not just the last."""
     a = res[task]
     ref = a["same_budget_fp_test_accuracy"]
-    tried = [t for t in res.get(f"{task}_tried", []) if t["command"] != a["command"]]
-    for r in a["rows"]:
-        tried.append({"command": a["command"], "n": r["n"], "k": r["k"],
-                      "fp_epochs": a["fp_epochs"], "qat_epochs": a["qat_epochs"],
-                      "qat_lr": a["qat_lr"], "fp_reference": ref,
-                      "test_accuracy": r["test_accuracy"]})  # fmt: skip
-    res[f"{task}_tried"] = tried
+
+    def key(t):
+        return (t["fp_epochs"], t["qat_epochs"], t["qat_lr"], t["n"], t["k"], t.get("seed", 0))
+
+    new = [{"command": a["command"], "n": r["n"], "k": r["k"], "fp_epochs": a["fp_epochs"],
+            "qat_epochs": a["qat_epochs"], "qat_lr": a["qat_lr"], "seed": a.get("seed", 0),
+            "fp_reference": ref, "test_accuracy": r["test_accuracy"]}
+           for r in a["rows"]]  # fmt: skip
+    keys = {key(t) for t in new}
+    res[f"{task}_tried"] = [t for t in res.get(f"{task}_tried", []) if key(t) not in keys] + new
 
 
 def main() -> None:
