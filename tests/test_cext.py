@@ -201,7 +201,8 @@ def test_wrong_sizes_are_value_errors_not_crashes():
     xp, _, pb, xpad, koff, ho, wo, sc, fb = _binary_case(rng, 1, 64, 32, 3, 3, 5, 5, (1, 1),
                                                          (1, 1), (1, 1))  # fmt: skip
     args = [xpad, koff, pb.wb, pb.wpop, sc, fb, 1, 7, 7, 1, 64, 3, 3, 1, 1, 1, 1, 1, 1, 5, 5, ho,
-            wo, 32, pb.wb.shape[0], 1, np.zeros((1, ho, wo, 32), np.float32), 0, ho]  # fmt: skip
+            wo, 32, pb.wb.shape[0], 1, False, np.zeros((1, ho, wo, 32), np.float32), 0,
+            ho]  # fmt: skip
     lib.xnor_conv(*args)  # the consistent call runs
     bad_koff = koff.copy()
     bad_koff[-1] = 10**6
@@ -213,3 +214,25 @@ def test_wrong_sizes_are_value_errors_not_crashes():
         ro = np.zeros((1, ho, wo, 32), np.float32)
         ro.flags.writeable = False
         lib.xnor_conv(*(args[:-3] + [ro] + args[-2:]))
+
+
+@pytest.mark.parametrize("use_c", [True, False], ids=["c", "numba"])
+def test_binary01_and_popcount_form_equals_the_integer_conv(use_c):
+    """{0, 1} weights x sign inputs (SBNN): 2 popcount(x & b) - popcount(b) over the valid taps
+    equals the integer convolution of the {0, 1} codes with the {-1, +1} inputs."""
+    if use_c and not _cext.available():
+        pytest.skip(f"C kernels not available: {_cext.why_not()}")
+    rng = np.random.default_rng(5)
+    for c, o, stride, pad, dil in ((70, 37, (1, 1), (1, 1), (1, 1)), (128, 64, (2, 1), (1, 0),
+                                                                        (1, 2))):  # fmt: skip
+        x = _signs(rng, (2, 9, 10, c))
+        b = (rng.random((o, 3, 3, c)) < 0.1).astype(np.int8)
+        want = K.conv2d_int(x, b, stride, pad, dil)
+        pb = K.prepare_binary_conv(K.pack_binary_weights(2 * b - 1))
+        xp = K.pack_signs(x)
+        if use_c:
+            got = K.conv2d_binary_tiled(xp, c, pb, stride, pad, dil, and01=True)
+        else:
+            with _cext.disabled():
+                got = K.conv2d_binary_tiled(xp, c, pb, stride, pad, dil, and01=True)
+        np.testing.assert_array_equal(got, want)

@@ -56,7 +56,9 @@ static int lb_cpu_ok(void)
  *
  * For output pixel p and channel o, cnt = sum_k popcount(x_p[k] ^ w_o[k]) over all taps
  * (a padded tap adds popcount(w_o[tap])); the conv value over the valid taps is
- * acc = nvalid*C - 2*(cnt - sum_{padded taps} wpop[tap][o]). Modes:
+ * acc = nvalid*C - 2*(cnt - sum_{padded taps} wpop[tap][o]). With and01 the weights are
+ * {0, 1} bits b (SBNN): cnt = sum_k popcount(x_p[k] & b_o[k]) (padded words add 0) and
+ * acc = sum_valid b.x = 2*cnt - (popcount(b_o) - sum_{padded taps} wpop[tap][o]). Modes:
  *   0: out int32 [N, Ho, Wo, O] = acc
  *   1: out float32 [N, Ho, Wo, O] = float(acc) * scale + fbias
  *   2: as 1, NCHW [N, O, Ho, Wo]
@@ -69,8 +71,8 @@ static int lb_cpu_ok(void)
 
 /* One tile: mr pixels (x0 + r*ps) x 32 channels (wb0, blocks wvs words apart);
  * cnt[r*cs + 8*v + lane] = int32 popcount sums. */
-#define LB_XTILE(MR)                                                                         \
-    LB_AVX512 static void xtile_##MR(const uint64_t *x0, int64_t ps, const int64_t *koff,    \
+#define LB_XTILE(MR, NAME, OP)                                                               \
+    LB_AVX512 static void NAME##_##MR(const uint64_t *x0, int64_t ps, const int64_t *koff,    \
                                      int64_t nk, const uint64_t *wb0, int64_t wvs,           \
                                      int32_t *cnt, int64_t cs)                               \
     {                                                                                        \
@@ -86,7 +88,7 @@ static int lb_cpu_ok(void)
                 __m512i xv = _mm512_set1_epi64((long long)xk[r * ps]);                      \
                 _Pragma("GCC unroll 8") for (int v = 0; v < XNV; v++)                                                \
                     acc[r][v] = _mm512_add_epi64(                                            \
-                        acc[r][v], _mm512_popcnt_epi64(_mm512_xor_si512(xv, w[v])));         \
+                        acc[r][v], _mm512_popcnt_epi64(OP(xv, w[v])));                        \
             }                                                                                \
         }                                                                                    \
         _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                                         \
@@ -95,17 +97,19 @@ static int lb_cpu_ok(void)
                                     _mm512_cvtepi64_epi32(acc[r][v]));                       \
     }
 
-LB_XTILE(1)
-LB_XTILE(2)
-LB_XTILE(3)
-LB_XTILE(4)
-LB_XTILE(5)
-LB_XTILE(6)
+#define LB_XTILES(NAME, OP)                                                                  \
+    LB_XTILE(1, NAME, OP)                                                                    \
+    LB_XTILE(2, NAME, OP)                                                                    \
+    LB_XTILE(3, NAME, OP)                                                                    \
+    LB_XTILE(4, NAME, OP) LB_XTILE(5, NAME, OP) LB_XTILE(6, NAME, OP)
+LB_XTILES(xtile, _mm512_xor_si512) /* {-1, +1} weights: popcount(x ^ w) */
+LB_XTILES(atile, _mm512_and_si512) /* {0, 1} weights: popcount(x & b) */
 
 typedef void (*xtile_fn)(const uint64_t *, int64_t, const int64_t *, int64_t, const uint64_t *,
                          int64_t, int32_t *, int64_t);
-static const xtile_fn XTILES[XMR + 1] = {0,         xtile_1, xtile_2, xtile_3,
-                                         xtile_4, xtile_5, xtile_6};
+static const xtile_fn XTILES[2][XMR + 1] = {
+    {0, xtile_1, xtile_2, xtile_3, xtile_4, xtile_5, xtile_6},
+    {0, atile_1, atile_2, atile_3, atile_4, atile_5, atile_6}};
 
 LB_AVX512 static inline __mmask16 tail16(int64_t n)
 {
@@ -160,19 +164,24 @@ LB_AVX512 static int lb_xnor_conv(const uint64_t *xpad, const int64_t *koff, con
                                      int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                                      int64_t pw, int64_t dh, int64_t dw, int64_t H, int64_t W,
                                      int64_t Ho, int64_t Wo, int64_t O, int64_t OB, int mode,
-                                     void *out, int64_t r0, int64_t r1)
+                                     int and01, void *out, int64_t r0, int64_t r1)
 {
     const int64_t Op = 8 * OB, Kk = kh * kw * CW, wvs = Kk * 8, T = kh * kw;
     const int64_t OW = (O + 63) / 64;
     int32_t *cnt = (int32_t *)malloc((size_t)(Wo * Op + 16) * sizeof(int32_t));
     int32_t *corr = (int32_t *)malloc((size_t)(Op + 16) * sizeof(int32_t));
+    int32_t *wtot = (int32_t *)calloc((size_t)(Op + 16), sizeof(int32_t));
     float *rowf = mode == 2 ? (float *)calloc((size_t)((Wo + 16) * Op), sizeof(float)) : NULL;
-    if (!cnt || !corr || (mode == 2 && !rowf)) {
+    if (!cnt || !corr || !wtot || (mode == 2 && !rowf)) {
         free(cnt);
         free(corr);
+        free(wtot);
         free(rowf);
         return -1;
     }
+    for (int64_t t = 0; t < T; t++) /* popcount of each channel's weights, all taps */
+        for (int64_t o = 0; o < Op; o++) wtot[o] += wpop[t * Op + o];
+    const xtile_fn *tiles = XTILES[and01 ? 1 : 0];
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t r = r0; r < r1; r++) {
         const int64_t n = r / Ho, ho = r % Ho;
@@ -181,7 +190,7 @@ LB_AVX512 static int lb_xnor_conv(const uint64_t *xpad, const int64_t *koff, con
             const int64_t mr = (Wo - wo) >= XMR ? XMR : (Wo - wo);
             const uint64_t *x0 = row0 + wo * sw * CW;
             for (int64_t ob = 0; ob < OB; ob += XNV)
-                XTILES[mr](x0, sw * CW, koff, Kk, wb + ob * wvs, wvs, cnt + wo * Op + ob * 8, Op);
+                tiles[mr](x0, sw * CW, koff, Kk, wb + ob * wvs, wvs, cnt + wo * Op + ob * 8, Op);
             wo += mr;
         }
         /* epilogue, 16 channels at a time */
@@ -215,9 +224,15 @@ LB_AVX512 static int lb_xnor_conv(const uint64_t *xpad, const int64_t *koff, con
             const int32_t *cp = cnt + wo * Op;
             uint64_t word = 0;
             for (int64_t o = 0; o < Op; o += 16) {
-                __m512i c = _mm512_loadu_si512((const void *)(cp + o));
-                if (border) c = _mm512_sub_epi32(c, _mm512_loadu_si512((const void *)(corr + o)));
-                const __m512i acc = _mm512_sub_epi32(tot, _mm512_slli_epi32(c, 1));
+                __m512i c = _mm512_loadu_si512((const void *)(cp + o)), acc;
+                if (and01) { /* sum b.x = 2 popcount(x & b) - popcount(b), valid taps */
+                    __m512i wt = _mm512_loadu_si512((const void *)(wtot + o));
+                    if (border) wt = _mm512_sub_epi32(wt, _mm512_loadu_si512((const void *)(corr + o)));
+                    acc = _mm512_sub_epi32(_mm512_slli_epi32(c, 1), wt);
+                } else { /* sum w.x = nvalid C - 2 popcount(x ^ w), valid taps */
+                    if (border) c = _mm512_sub_epi32(c, _mm512_loadu_si512((const void *)(corr + o)));
+                    acc = _mm512_sub_epi32(tot, _mm512_slli_epi32(c, 1));
+                }
                 if (mode == 0) {
                     if (o < O)
                         _mm512_mask_storeu_epi32(
@@ -251,6 +266,7 @@ LB_AVX512 static int lb_xnor_conv(const uint64_t *xpad, const int64_t *koff, con
     }
     free(cnt);
     free(corr);
+    free(wtot);
     free(rowf);
     return 0;
 }
@@ -519,11 +535,12 @@ static PyObject *py_xnor_conv(PyObject *self, PyObject *args)
     (void)self;
     Py_buffer b[7];
     long long N, Hp, Wp, CW, C, kh, kw, sh, sw, ph, pw, dh, dw, H, W, Ho, Wo, O, OB, r0, r1;
-    int mode;
+    int mode, and01;
     memset(b, 0, sizeof b);
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*LLLLLLLLLLLLLLLLLLLiw*LL", &b[0], &b[1], &b[2],
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*LLLLLLLLLLLLLLLLLLLipw*LL", &b[0], &b[1], &b[2],
                           &b[3], &b[4], &b[5], &N, &Hp, &Wp, &CW, &C, &kh, &kw, &sh, &sw, &ph,
-                          &pw, &dh, &dw, &H, &W, &Ho, &Wo, &O, &OB, &mode, &b[6], &r0, &r1))
+                          &pw, &dh, &dw, &H, &W, &Ho, &Wo, &O, &OB, &mode, &and01, &b[6], &r0,
+                          &r1))
         return NULL;
     const int64_t T = kh * kw, Op = 8 * OB, OW = (O + 63) / 64;
     int ok = N >= 0 && CW >= 1 && kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && dh >= 1 &&
@@ -553,8 +570,8 @@ static PyObject *py_xnor_conv(PyObject *self, PyObject *args)
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = lb_xnor_conv(b[0].buf, koff, b[2].buf, b[3].buf, b[4].buf, b[5].buf, N, Hp, Wp, CW, C,
-                      kh, kw, sh, sw, ph, pw, dh, dw, H, W, Ho, Wo, O, OB, mode, b[6].buf, r0,
-                      r1);
+                      kh, kw, sh, sw, ph, pw, dh, dw, H, W, Ho, Wo, O, OB, mode, and01,
+                      b[6].buf, r0, r1);
     Py_END_ALLOW_THREADS
     release(b, 7);
     if (rc) return PyErr_NoMemory();

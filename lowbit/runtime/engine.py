@@ -16,9 +16,11 @@ Kernels, per conv/linear layer (``Engine.kernels()`` lists the choice):
 - ``gemm-int8``: int8 codes (int8, int4, ternary, binary, fixed point up to 8 bits) x
   int8/uint8 input codes: the VNNI GEMM (im2col for k > 1), depthwise kernel for
   depthwise convs (``lowbit.runtime.kernels``);
-- ``xnor``: binary {-1, +1} (or {0, 1}: ``acc01 = (acc_pm1 + sum(x)) / 2``) weights x sign
-  input: the quantize op packs the signs of its input into 64-bit words and the layer
-  runs XOR + popcount (zero padding is exact: padded taps are skipped);
+- ``xnor``: binary {-1, +1} weights x sign input: the quantize op packs the signs of its
+  input into 64-bit words and the layer runs XOR + popcount (zero padding is exact: padded
+  taps are skipped). {0, 1} weights (SBNN) run the AND + popcount form of methods.md,
+  ``sum b.x = 2 popcount(x & b) - popcount(b)`` (convs; linear layers
+  ``(acc_pm1 + sum(x)) / 2``);
 - ``sst-lut``: structured sparse ternary weights (``load(..., sst_kernel="lut")``): per
   block of 16 input rows the partial sums of every codebook pattern over every group are
   tabulated once and each output channel adds one table entry per group (no multiplies);
@@ -618,7 +620,8 @@ class _Layer:
             mode = 1
             y = self._out((N, Ho, Wo, O), np.float32)
         K.binary_conv_fused(xpad, koff, self.packed, self.cin, self.stride, self.padding,
-                            self.dilation, H, W, Ho, Wo, mode, *self.dq_bin, y)  # fmt: skip
+                            self.dilation, H, W, Ho, Wo, mode, *self.dq_bin, y,
+                            and01=self.binary01)  # fmt: skip
         return y
 
     def acc(self, x) -> np.ndarray:
@@ -640,11 +643,10 @@ class _Layer:
                                     self.groups)  # fmt: skip
             return K.linear_int(x, self.packed)
         if self.kernel == "xnor":
-            if self.conv:
-                out = K.conv2d_binary_tiled(x, self.cin, self.packed, self.stride, self.padding,
-                                            self.dilation)  # fmt: skip
-            else:
-                out = K.linear_binary(x, self.cin, self.packed)
+            if self.conv:  # {0, 1} weights: the AND + popcount form of methods.md
+                return K.conv2d_binary_tiled(x, self.cin, self.packed, self.stride, self.padding,
+                                             self.dilation, and01=self.binary01)  # fmt: skip
+            out = K.linear_binary(x, self.cin, self.packed)
             if self.binary01:
                 out = ((out + self._sums(x)) // 2).astype(np.int32)
             return out
@@ -790,7 +792,6 @@ def _binary_fused(lay: _Layer) -> bool:
     return (
         lay.kernel == "xnor"
         and lay.conv
-        and not lay.binary01
         and not lay.has_offset
         and not lay.out_int
         and hasattr(lay, "dq")

@@ -226,8 +226,9 @@ _tile_11 = _make_vnni_tile(1, 1)
 # GEMM drivers: acc[p, o] = init[o] + sum_k xu[p, k] * w[o, k]  (xu uint8, w int8)
 
 
-def _make_xnor_tile(mr: int, nv: int):
-    """An intrinsic accumulating popcounts for ``mr`` pixels x ``8*nv`` output channels.
+def _make_xnor_tile(mr: int, nv: int, op: str = "xor"):
+    """An intrinsic accumulating popcounts for ``mr`` pixels x ``8*nv`` output channels
+    (``op`` "xor": of ``x ^ w``, the {-1, +1} weights; "and": of ``x & w``, {0, 1}).
 
     ``tile(x, xoff, pstride, koff, nk, w, woff, wvstride, out, ooff, ostride)``: ``x`` packed signs
     (uint64), pixel ``r``'s word ``k`` at ``xoff + r*pstride + koff[k]``; ``w`` packed
@@ -292,7 +293,8 @@ def _make_xnor_tile(mr: int, nv: int):
                     ir.Constant(v8, ir.Undefined),
                     ir.Constant(ir.VectorType(ir.IntType(32), 8), None),
                 )
-                new.append([builder.add(acc[r][v], builder.call(pop, [builder.xor(xv, wv[v])]))
+                comb = builder.xor if op == "xor" else builder.and_
+                new.append([builder.add(acc[r][v], builder.call(pop, [comb(xv, wv[v])]))
                             for v in range(nv)])  # fmt: skip
             k1 = builder.add(k, c64(1))
             end = builder.basic_block
@@ -320,11 +322,15 @@ _xtile_44 = _make_xnor_tile(_XMR, _XNV)
 _xtile_41 = _make_xnor_tile(_XMR, 1)
 _xtile_14 = _make_xnor_tile(1, _XNV)
 _xtile_11 = _make_xnor_tile(1, 1)
+_atile_44 = _make_xnor_tile(_XMR, _XNV, "and")
+_atile_41 = _make_xnor_tile(_XMR, 1, "and")
+_atile_14 = _make_xnor_tile(1, _XNV, "and")
+_atile_11 = _make_xnor_tile(1, 1, "and")
 
 
 @njit(parallel=True, cache=True)
 def _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, W, Ho, Wo, O,
-                    mode, scale, fbias, out, out_f, out_f3, out_b):  # fmt: skip
+                    mode, scale, fbias, out, out_f, out_f3, out_b, and01, wtot):  # fmt: skip
     # xpad [N, Hp, Wp, CW] uint64 (zero words in the padding), koff [kh*kw*CW] word offsets
     # of each k from a window's origin, wb [OB, K, 8] uint64 (8-channel blocks), wpop
     # [kh*kw, O] int64 popcounts of each tap's weights. The epilogue (acc = the int32
@@ -333,6 +339,9 @@ def _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, 
     #   mode 1: out_f [N, Ho, Wo, O] float32 = float32(acc) * scale + fbias
     #   mode 2: as 1, NCHW: out_f3 [N, O, Ho, Wo]
     #   mode 3: as 1, the signs packed: out_b [N, Ho, Wo, ceil(O/64)] uint64
+    # and01: {0, 1} weights (bits b): acc = sum over valid taps of b . x =
+    # 2 * popcount(x & b) - popcount(b) (padded words of x are 0, so they add nothing to the
+    # first term; wtot [O] = popcount of all of b, less wpop of the padded taps)
     N, Hp, Wp, CW = xpad.shape
     OB, Kk, _ = wb.shape
     Op = OB * 8
@@ -351,7 +360,16 @@ def _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, 
             while ob < OB:
                 four = ob + _XNV <= OB
                 oo = wo * Op + ob * 8
-                if full and four:
+                if and01:
+                    if full and four:
+                        _atile_44(xpad, x0, ps, koff, Kk, wb, ob * wvs, wvs, cnt, oo, Op)
+                    elif full:
+                        _atile_41(xpad, x0, ps, koff, Kk, wb, ob * wvs, wvs, cnt, oo, Op)
+                    elif four:
+                        _atile_14(xpad, x0, ps, koff, Kk, wb, ob * wvs, wvs, cnt, oo, Op)
+                    else:
+                        _atile_11(xpad, x0, ps, koff, Kk, wb, ob * wvs, wvs, cnt, oo, Op)
+                elif full and four:
                     _xtile_44(xpad, x0, ps, koff, Kk, wb, ob * wvs, wvs, cnt, oo, Op)
                 elif full:
                     _xtile_41(xpad, x0, ps, koff, Kk, wb, ob * wvs, wvs, cnt, oo, Op)
@@ -368,7 +386,10 @@ def _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, 
             h0 = ho * sh - ph
             w0 = wo * sw - pw
             border = h0 < 0 or h0 + (kh - 1) * dh >= H or w0 < 0 or w0 + (kw - 1) * dw >= W
-            if not border:
+            if not border and and01:
+                for o in range(O):
+                    orow[o] = np.int32(2 * cnt[base + o] - wtot[o])
+            elif not border:
                 tot = kh * kw * C
                 for o in range(O):
                     orow[o] = np.int32(tot - 2 * cnt[base + o])
@@ -387,8 +408,12 @@ def _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, 
                         else:
                             nvalid += 1
                 tot = nvalid * C
-                for o in range(O):
-                    orow[o] = np.int32(tot - 2 * (cnt[base + o] - orow[o]))
+                if and01:
+                    for o in range(O):
+                        orow[o] = np.int32(2 * cnt[base + o] - (wtot[o] - orow[o]))
+                else:
+                    for o in range(O):
+                        orow[o] = np.int32(tot - 2 * (cnt[base + o] - orow[o]))
             if mode == 0:
                 dst = out[n, ho, wo]
                 for o in range(O):
@@ -427,13 +452,15 @@ class PackedBinaryConv:
     """Binary conv weights packed for :func:`binary_conv_fused` (:func:`prepare_binary_conv`).
 
     ``wb [OB, kh*kw*CW, 8]`` uint64: 8-output-channel blocks, ``OB`` a multiple of 4 (zero
-    channels above ``O``); ``wpop [kh*kw, 8*OB]`` int32: popcount of each tap's weights."""
+    channels above ``O``); ``wpop [kh*kw, 8*OB]`` int32: popcount of each tap's weights.
+    The bits are the {-1, +1} signs (1 = +1) or, for {0, 1} weights, the bits themselves."""
 
     wb: np.ndarray
     wpop: np.ndarray
     O: int
     kh: int
     kw: int
+    wtot: np.ndarray  # [8*OB] int32: popcount of all of each channel's weights
 
 
 def prepare_binary_conv(wp: np.ndarray) -> PackedBinaryConv:
@@ -447,7 +474,7 @@ def prepare_binary_conv(wp: np.ndarray) -> PackedBinaryConv:
     bits = np.unpackbits(wp.view(np.uint8), axis=-1).reshape(O, kh * kw, -1)
     wpop = np.zeros((kh * kw, OB * 8), np.int32)
     wpop[:, :O] = bits.sum(-1, dtype=np.int32).T
-    return PackedBinaryConv(wb, wpop, O, kh, kw)
+    return PackedBinaryConv(wb, wpop, O, kh, kw, wpop.sum(0, dtype=np.int32))
 
 
 def _padded(v: np.ndarray, n: int) -> np.ndarray:
@@ -460,12 +487,15 @@ def _padded(v: np.ndarray, n: int) -> np.ndarray:
 
 
 def binary_conv_fused(xpad, koff, pb: PackedBinaryConv, C, stride, padding, dilation, H, W,
-                      Ho, Wo, mode, scale, fbias, out) -> None:  # fmt: skip
+                      Ho, Wo, mode, scale, fbias, out, and01: bool = False) -> None:  # fmt: skip
     """The XOR + popcount conv over a zero-padded packed input ``xpad [N, Hp, Wp, CW]``
     (``koff``: word offset of each (tap, word) from a window's origin), written to ``out``:
     mode 0 int32 NHWC accumulators, 1 float32 NHWC ``acc * scale + fbias``, 2 the same NCHW,
-    3 the signs of that packed ``[N, Ho, Wo, ceil(O/64)]``. Runs the C kernel where it is
-    available (``lowbit.runtime._cext``), else the numba one; both are exact."""
+    3 the signs of that packed ``[N, Ho, Wo, ceil(O/64)]``. ``and01``: the weights are {0, 1}
+    (SBNN's sparse binary domain): ``acc = sum b . x = 2 * popcount(x & b) - popcount(b)``
+    over the valid taps (methods.md), else {-1, +1}: ``C - 2 * popcount(x ^ w)``. Runs the
+    C kernel where it is available (``lowbit.runtime._cext``), else the numba one; both are
+    exact."""
     sh, sw = stride
     ph, pw = padding
     dh, dw = dilation
@@ -476,7 +506,7 @@ def binary_conv_fused(xpad, koff, pb: PackedBinaryConv, C, stride, padding, dila
         sc, fb = _padded(scale, Op), _padded(fbias, Op)
         f = _cext.lib().xnor_conv
         args = (xpad, koff, pb.wb, pb.wpop, sc, fb, N, Hp, Wp, CW, C, pb.kh, pb.kw, sh, sw, ph,
-                pw, dh, dw, H, W, Ho, Wo, pb.O, OB, mode, out)  # fmt: skip
+                pw, dh, dw, H, W, Ho, Wo, pb.O, OB, mode, bool(and01), out)  # fmt: skip
         _cext.parallel_rows(lambda r0, r1: f(*args, r0, r1), N * Ho, get_threads())
         return
     oi, of, of3, ob = _DI4, _DF4, _DF4, _DB4
@@ -489,7 +519,8 @@ def binary_conv_fused(xpad, koff, pb: PackedBinaryConv, C, stride, padding, dila
     else:
         ob = out
     _bin_conv_tiled(xpad, koff, pb.wb, pb.wpop, C, pb.kh, pb.kw, sh, sw, ph, pw, dh, dw, H, W,
-                    Ho, Wo, pb.O, mode, scale, fbias, oi, of, of3, ob)  # fmt: skip
+                    Ho, Wo, pb.O, mode, scale, fbias, oi, of, of3, ob, bool(and01),
+                    pb.wtot)  # fmt: skip
 
 
 def pad_binary_input(xp: np.ndarray, kh, kw, stride, padding, dilation):
@@ -514,18 +545,19 @@ def binary_koff(kh, kw, dh, dw, Wp, CW) -> np.ndarray:
 
 
 def conv2d_binary_tiled(xp, C, pb: PackedBinaryConv, stride=(1, 1), padding=(0, 0),
-                        dilation=(1, 1)) -> np.ndarray:  # fmt: skip
+                        dilation=(1, 1), and01: bool = False) -> np.ndarray:  # fmt: skip
     """As :func:`conv2d_binary` with weights from :func:`prepare_binary_conv`: a register-
     blocked XOR + popcount micro-kernel (C with AVX-512 where available, else numba with
     vpopcntq on 512-bit vectors) over a zero-padded copy of the input, border taps corrected
-    exactly. Returns the int32 accumulators ``[N, Ho, Wo, O]``."""
+    exactly. Returns the int32 accumulators ``[N, Ho, Wo, O]`` (``and01``: of {0, 1}
+    weights, see :func:`binary_conv_fused`)."""
     st = _pair(stride, "stride", 1)
     pd = _pair(padding, "padding", 0)
     dl = _pair(dilation, "dilation", 1)
     N, H, W, CW = xp.shape
     xpad, koff, Ho, Wo = pad_binary_input(xp, pb.kh, pb.kw, st, pd, dl)
     out = np.empty((N, Ho, Wo, pb.O), np.int32)
-    binary_conv_fused(xpad, koff, pb, C, st, pd, dl, H, W, Ho, Wo, 0, _DF, _DF, out)
+    binary_conv_fused(xpad, koff, pb, C, st, pd, dl, H, W, Ho, Wo, 0, _DF, _DF, out, and01)
     return out
 
 
