@@ -236,3 +236,24 @@ def test_binary01_and_popcount_form_equals_the_integer_conv(use_c):
             with _cext.disabled():
                 got = K.conv2d_binary_tiled(xp, c, pb, stride, pad, dil, and01=True)
         np.testing.assert_array_equal(got, want)
+
+
+@needs_c
+@pytest.mark.parametrize("shape", [(2, 130, 5, 19), (1, 64, 3, 16), (3, 7, 2, 33)])
+def test_sign_pack_equals_numba(shape):
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.flat[::7] = 0.0  # sign(0) packs as -1 (bit 0), as does NaN
+    x.flat[3::11] = np.nan
+    n, c, h, w = shape
+    cw = -(-c // 64)
+    want = np.empty((n, h, w, cw), np.uint64)
+    K._sign_pack_nchw(x, want)
+    got = np.zeros((n, h, w, cw), np.uint64)
+    assert K.sign_pack_fast(x, got, nchw=True)
+    np.testing.assert_array_equal(got, want)
+    rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(-1, c)
+    got_rows = np.zeros((rows.shape[0], cw), np.uint64)
+    assert K.sign_pack_fast(rows, got_rows, nchw=False)
+    np.testing.assert_array_equal(got_rows, want.reshape(-1, cw))
+    assert not K.sign_pack_fast(rows.astype(np.float64), got_rows, nchw=False)  # numba's

@@ -500,10 +500,70 @@ LB_AVX512 static void lb_quant_k4(const float *x, float s, float lo, float hi, i
     }
 }
 
+
+/* ------------------------------------------------------------------------------------
+ * Sign packing of float32 activations: bit c % 64 of word c / 64 = (x > 0) (NaN -> 0).
+ * Rows: x [R, C] -> out [R, ceil(C/64)], rows r0..r1. NCHW: x [N, C, H, W] ->
+ * out [N, H, W, ceil(C/64)], images r0..r1: 16 pixels of a channel compare to one 16-bit
+ * mask; per pixel, vptestmw on 32 such masks gives 32 channel bits at once.
+ * ------------------------------------------------------------------------------------ */
+LB_AVX512 static void lb_sign_rows(const float *x, int64_t C, uint64_t *out, int64_t r0,
+                                   int64_t r1)
+{
+    const int64_t CW = (C + 63) / 64;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t r = r0; r < r1; r++) {
+        const float *xr = x + r * C;
+        for (int64_t g = 0; g < CW; g++) {
+            uint64_t word = 0;
+            for (int64_t j = 0; j < 64 && 64 * g + j < C; j += 16) {
+                const int64_t c = 64 * g + j;
+                const __m512 v = _mm512_maskz_loadu_ps(tail16(C - c), xr + c);
+                word |= (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ) << j;
+            }
+            out[r * CW + g] = word;
+        }
+    }
+}
+
+LB_AVX512 static int lb_sign_nchw(const float *x, int64_t C, int64_t HW, uint64_t *out,
+                                  int64_t n0, int64_t n1)
+{
+    const int64_t CW = (C + 63) / 64, Cp = 64 * CW, PB = (HW + 15) / 16;
+    const __m512 zero = _mm512_setzero_ps();
+    /* m[pb][c]: the mask of 16 pixels (block pb of the flattened H x W plane) of channel c;
+     * each channel plane is read front to back, as it lies in memory */
+    uint16_t *m = (uint16_t *)calloc((size_t)(PB * Cp), sizeof(uint16_t));
+    if (!m) return -1;
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t c = 0; c < C; c++) {
+            const float *xc = x + (n * C + c) * HW;
+            for (int64_t pb = 0; pb < PB; pb++)
+                m[pb * Cp + c] = (uint16_t)_mm512_cmp_ps_mask(
+                    _mm512_maskz_loadu_ps(tail16(HW - 16 * pb), xc + 16 * pb), zero, _CMP_GT_OQ);
+        }
+        for (int64_t pb = 0; pb < PB; pb++) {
+            const int64_t np = HW - 16 * pb < 16 ? HW - 16 * pb : 16;
+            for (int64_t g = 0; g < CW; g++) {
+                const __m512i lo = _mm512_loadu_si512((const void *)(m + pb * Cp + 64 * g));
+                const __m512i hi = _mm512_loadu_si512((const void *)(m + pb * Cp + 64 * g + 32));
+                uint64_t *dst = out + (n * HW + 16 * pb) * CW + g;
+                for (int64_t p = 0; p < np; p++) {
+                    const __m512i bit = _mm512_set1_epi16((short)(1u << p));
+                    dst[p * CW] = (uint64_t)_mm512_test_epi16_mask(lo, bit) |
+                                  ((uint64_t)_mm512_test_epi16_mask(hi, bit) << 32);
+                }
+            }
+        }
+    }
+    free(m);
+    return 0;
+}
+
 #endif /* LB_X86 */
 
 /* ------------------------------------------------------------------------------------
- * The Python module: cpu_ok(), xnor_conv(...), gemm_u8s8(...), quant_k4(...). Arrays arrive as C-contiguous
+ * The Python module: cpu_ok(), xnor_conv(...), gemm_u8s8(...), quant_k4(...), sign_pack(...). Arrays arrive as C-contiguous
  * buffers; every size is checked before the kernel runs (a ValueError, never a wild read).
  * ------------------------------------------------------------------------------------ */
 
@@ -648,6 +708,39 @@ static PyObject *py_quant_k4(PyObject *self, PyObject *args)
     release(b, 2);
     Py_RETURN_NONE;
 }
+
+static PyObject *py_sign_pack(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer b[2];
+    int nchw;
+    long long N, C, H, W, r0, r1;
+    memset(b, 0, sizeof b);
+    if (!PyArg_ParseTuple(args, "y*pLLLLw*LL", &b[0], &nchw, &N, &C, &H, &W, &b[1], &r0, &r1))
+        return NULL;
+    /* rows layout: N rows of C (H = W = 1); NCHW: the rows are the N images */
+    const int64_t rows = N;
+    if (N < 0 || C < 1 || H < 1 || W < 1 || (!nchw && (H != 1 || W != 1)) || r0 < 0 ||
+        r0 > r1 || r1 > rows) {
+        PyErr_SetString(PyExc_ValueError, "_lbk.sign_pack: inconsistent arguments");
+        release(b, 2);
+        return NULL;
+    }
+    if (!need(&b[0], N * C * H * W * 4, "x") || !need(&b[1], N * H * W * ((C + 63) / 64) * 8, "out")) {
+        release(b, 2);
+        return NULL;
+    }
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (nchw)
+        rc = lb_sign_nchw(b[0].buf, C, H * W, b[1].buf, r0, r1);
+    else
+        lb_sign_rows(b[0].buf, C, b[1].buf, r0, r1);
+    Py_END_ALLOW_THREADS
+    release(b, 2);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
 #endif /* LB_X86 */
 
 static PyMethodDef lbk_methods[] = {
@@ -656,6 +749,7 @@ static PyMethodDef lbk_methods[] = {
     {"xnor_conv", py_xnor_conv, METH_VARARGS, "Binary conv (XOR + popcount), fused epilogue."},
     {"gemm_u8s8", py_gemm_u8s8, METH_VARARGS, "uint8 x int8 GEMM (VNNI), fused epilogue."},
     {"quant_k4", py_quant_k4, METH_VARARGS, "NCHW float32 -> interleaved uint8 GEMM input."},
+    {"sign_pack", py_sign_pack, METH_VARARGS, "float32 rows or NCHW -> packed sign bits."},
 #endif
     {NULL, NULL, 0, NULL},
 };

@@ -818,13 +818,16 @@ def _quantize(attrs: dict, packed: bool):
                 lead = x.shape[:-1]
                 cw = -(-x.shape[-1] // 64)
                 out = np.empty((int(np.prod(lead)), cw), np.uint64)
-                _sign_pack(np.ascontiguousarray(x).reshape(-1, x.shape[-1]), out)
+                x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+                if not K.sign_pack_fast(x2, out, nchw=False):
+                    _sign_pack(x2, out)
                 return out.reshape(*lead, cw)
 
             def nchw(x):
                 N, C, H, W = x.shape
                 out = np.empty((N, H, W, -(-C // 64)), np.uint64)
-                K._sign_pack_nchw(x, out)
+                if not K.sign_pack_fast(x, out, nchw=True):
+                    K._sign_pack_nchw(x, out)
                 return out
 
             run.nchw = nchw

@@ -1085,6 +1085,24 @@ def quant_nchw_k4(x, s, lo, hi, shift, sh, sw, Kp, out=None) -> np.ndarray:
     return out
 
 
+def sign_pack_fast(x: np.ndarray, out: np.ndarray, nchw: bool) -> bool:
+    """Pack the signs of a C-contiguous float32 ``x`` (rows ``[R, C]`` or NCHW) into ``out``
+    with the C kernel; False (nothing written) where that kernel does not apply."""
+    if not _cext.available() or x.dtype != np.float32 or not x.flags.c_contiguous:
+        return False
+    f = _cext.lib().sign_pack
+    if nchw:
+        N, C, H, W = x.shape
+        args = (x, True, N, C, H, W, out)
+        rows = N
+    else:
+        N, C = x.shape
+        args = (x, False, N, C, 1, 1, out)
+        rows = N
+    _cext.parallel_rows(lambda r0, r1: f(*args, r0, r1), rows, get_threads())
+    return True
+
+
 _OI2 = np.zeros((1, 1), np.int32)
 _DF2 = np.zeros((1, 1), np.float32)
 _DF3 = np.zeros((1, 1, 1), np.float32)
