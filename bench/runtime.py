@@ -29,6 +29,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -48,7 +49,7 @@ from lowbit import models  # noqa: E402
 from lowbit.freeze import freeze  # noqa: E402
 from lowbit.packfile import load_frozen, save  # noqa: E402
 from lowbit.recipes import Recipe, Rule, compress_  # noqa: E402
-from lowbit.runtime import load  # noqa: E402
+from lowbit.runtime import _cext, load  # noqa: E402
 from lowbit.runtime.bench import compare  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -119,6 +120,30 @@ def _time(fn, repeats):
     return statistics.median(ts) * 1e3
 
 
+def _amx_vs_avx512(path: Path, shape, repeats: int) -> dict:
+    """Where the AMX kernels run: the same Engine timed with them and without them
+    (``_cext.no_amx``), in alternating warm bursts; both give the same outputs."""
+    if not _cext.amx():
+        return {}
+    eng = load(path, threads=1)
+    x = np.random.default_rng(2).standard_normal((1, *shape)).astype(np.float32)
+    ts = {"amx": [], "avx512": []}
+    outs = {}
+    for _ in range(-(-repeats // BURST)):
+        for k in ts:
+            with _cext.no_amx() if k == "avx512" else contextlib.nullcontext():
+                outs[k] = eng(x)
+                for _ in range(BURST):
+                    t0 = time.perf_counter()
+                    eng(x)
+                    ts[k].append(time.perf_counter() - t0)
+    amx_ms, avx_ms = (round(statistics.median(ts[k]) * 1e3, 4) for k in ("amx", "avx512"))
+    same = bool(np.array_equal(outs["amx"], outs["avx512"]))
+    return {"warm_lowbit_amx_ms": amx_ms, "warm_lowbit_avx512_ms": avx_ms,
+            "amx_speedup_vs_avx512": round(avx_ms / amx_ms, 3),
+            "amx_outputs_equal_avx512": same}  # fmt: skip
+
+
 def case_binary_stack(tmp: Path, repeats: int) -> dict:
     torch.manual_seed(0)
     fp = BinaryStack()
@@ -179,6 +204,7 @@ def case_pointwise(tmp: Path, repeats: int) -> dict:
     path = tmp / "pointwise_ternary.lowbit"
     save(freeze(net), path)
     res = compare(path, threads=1, batch=1, repeats=repeats * 4, onnx=True, per_layer=True)
+    res.update(_amx_vs_avx512(path, (256, 16, 16), repeats * 4))
     res["target"] = ">= 3x PyTorch fp32; ratio vs ONNX Runtime int8 reported"
     res["target_value"] = res["speedup_vs_torch_fp32"]
     res["target_value_warm"] = res["speedup_warm_vs_torch_fp32"]
@@ -225,6 +251,7 @@ def case_mobilenetv2(tmp: Path, repeats: int) -> dict:
     got = load(path)(x)
     res = compare(path, threads=1, batch=1, repeats=repeats, onnx=True, per_layer=True)
     res["max_abs_diff_vs_frozen"] = float(np.abs(got - ref).max())
+    res.update(_amx_vs_avx512(path, (3, 32, 32), repeats))
     res["target"] = "report vs PyTorch fp32, ONNX Runtime fp32 and int8"
     res["target_value"] = res["speedup_vs_onnxruntime_int8"]
     return res
@@ -288,7 +315,7 @@ def write_markdown(out: dict, path: Path) -> None:
         "Single thread, batch 1, random weights. speedup = peer ms / lowbit ms. The PyTorch "
         "and ONNX Runtime peers run the file's network in float32 (dequantized weights, BN "
         "folded); ONNX Runtime int8 is that network statically quantized (QDQ, per-channel). "
-        f"C kernels: {m.get('c_kernels')}.",
+        f"C kernels: {m.get('c_kernels')}; AMX tile kernels: {m.get('amx')}.",
         "",
         "Two protocols, both side by side in one process so that drift of the shared machine "
         "hits every runtime alike. **Warm** (steady state, what a deployment that runs "
@@ -323,6 +350,15 @@ def write_markdown(out: dict, path: Path) -> None:
     for name, r in out["cases"].items():
         if "per_layer" in r:
             lines.append(f"- {name}: {_kernel_summary(r['per_layer'])}")
+    amx = [(n, r) for n, r in out["cases"].items() if "amx_speedup_vs_avx512" in r]
+    if amx:
+        lines += ["", "AMX tile GEMM against the AVX-512 VNNI one (the same Engine, warm, "
+                      "alternating bursts; `LOWBIT_NO_AMX=1` selects the latter):", ""]  # fmt: skip
+        for n, r in amx:
+            lines.append(f"- {n}: {r['warm_lowbit_amx_ms']:.3f} ms with AMX, "
+                         f"{r['warm_lowbit_avx512_ms']:.3f} ms without "
+                         f"({r['amx_speedup_vs_avx512']:.2f}x; outputs equal: "
+                         f"{r['amx_outputs_equal_avx512']})")  # fmt: skip
     notes = out["cases"].get("c_vgg_small_binary", {})
     if "predictions_equal_frozen" in notes:
         lines += ["", f"Binary vgg_small: Engine predictions equal the frozen model's on 16 "

@@ -19,6 +19,8 @@ from lowbit.runtime import _cext
 from lowbit.runtime import kernels as K
 
 REQUIRED = os.environ.get("LOWBIT_REQUIRE_CEXT", "") not in ("", "0")
+# set by .ci/run where /proc/cpuinfo lists amx_int8: the AMX tile kernels must then run
+REQUIRED_AMX = os.environ.get("LOWBIT_REQUIRE_AMX", "") not in ("", "0")
 
 
 def test_extension_available_where_required():
@@ -26,6 +28,13 @@ def test_extension_available_where_required():
         assert _cext.available(), f"C kernels required but not available: {_cext.why_not()}"
     elif not _cext.available():
         pytest.skip(f"C kernels not available: {_cext.why_not()}")
+
+
+def test_amx_available_where_required():
+    if REQUIRED_AMX:
+        assert _cext.amx(), f"AMX kernels required but not running: {_cext.why_not_amx()}"
+    elif not _cext.amx():
+        pytest.skip(f"AMX kernels not running: {_cext.why_not_amx()}")
 
 
 needs_c = pytest.mark.skipif(not _cext.available() and not REQUIRED,
@@ -153,6 +162,11 @@ def test_gemm_c_equals_numba_every_mode(seed, p, k, o, signed, out_dtype, thread
             with _cext.disabled():
                 K.gemm_fused(xu, *args, want)
             np.testing.assert_array_equal(got, want, err_msg=f"mode {mode}")
+            if _cext.amx():  # the AVX-512 GEMM too, where the AMX one ran above
+                got_v = outs[mode]()
+                with _cext.no_amx():
+                    K.gemm_fused(xu, *args, got_v)
+                np.testing.assert_array_equal(got_v, want, err_msg=f"AVX-512 mode {mode}")
             if mode == 4:
                 np.testing.assert_array_equal(got, acc_ref)
             # the interleaved input layout [Kp/4, P, 4] gives the same results
@@ -197,6 +211,15 @@ def test_wrong_sizes_are_value_errors_not_crashes():
         lib.gemm_u8s8(np.zeros((8, 4), np.uint8), False, w, init, 8, 4, 16, 10, 1, 0, i64, i64,
                       i64, i64, 0, 0, 4, f32, f32, 1, np.zeros((8, 10), np.float32), 0,
                       9)  # fmt: skip
+    if _cext.amx():
+        wa = K.amx_weights(np.zeros((16, 4), np.int8))
+        lib.gemm_amx(np.zeros((8, 4), np.uint8), False, wa, init, 8, 4, 16, 10, 1, 0, i64, i64,
+                     i64, i64, 0, 0, 4, f32, f32, 1, np.zeros((8, 10), np.float32), 0,
+                     8)  # fmt: skip
+        with pytest.raises(ValueError, match="wa"):  # the AVX-512 layout is too small
+            lib.gemm_amx(np.zeros((8, 4), np.uint8), False, w, init, 8, 4, 16, 10, 1, 0, i64,
+                         i64, i64, i64, 0, 0, 4, f32, f32, 1, np.zeros((8, 10), np.float32), 0,
+                         8)  # fmt: skip
     rng = np.random.default_rng(0)
     xp, _, pb, xpad, koff, ho, wo, sc, fb = _binary_case(rng, 1, 64, 32, 3, 3, 5, 5, (1, 1),
                                                          (1, 1), (1, 1))  # fmt: skip

@@ -3,9 +3,12 @@
 ``available()`` is True when the extension was built (``pip install`` compiles it where a C
 compiler exists), this CPU runs AVX-512 (F/BW/DQ/VL/VPOPCNTDQ/VNNI), and the environment
 variable ``LOWBIT_NO_CEXT`` is unset or 0. Otherwise every kernel runs in numba (the
-portable path; both give bit-identical results). Multi-threading: the C functions take a
-row range and release the GIL; :func:`parallel_rows` splits the rows over a thread pool,
-using the thread count of :func:`lowbit.runtime.kernels.set_threads`.
+portable path; both give bit-identical results). Where the CPU also has AMX-INT8 (Intel
+Sapphire Rapids and later) the int8 GEMM runs on the tile unit (:func:`amx`;
+``LOWBIT_NO_AMX=1`` turns that off), again with the same results; the binary convolution
+stays on AVX-512 (XOR + popcount). Multi-threading: the C functions take a row range and
+release the GIL; :func:`parallel_rows` splits the rows over a thread pool, using the thread
+count of :func:`lowbit.runtime.kernels.set_threads`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 _mod = None
 _reason = ""
+_amx = False
+_amx_reason = ""
 
 
 def _load():
@@ -34,6 +39,15 @@ def _load():
         _reason = f"stale build of {_lbk.__file__}: reinstall lowbit"
         return
     _mod = _lbk
+    global _amx, _amx_reason
+    if os.environ.get("LOWBIT_NO_AMX", "") not in ("", "0"):
+        _amx_reason = "disabled by LOWBIT_NO_AMX"
+    elif not hasattr(_lbk, "gemm_amx"):
+        _amx_reason = "built without AMX support (needs GCC 11 / clang 12 on Linux)"
+    elif not _lbk.amx_ok():
+        _amx_reason = "this CPU (or its OS) does not run AMX-INT8"
+    else:
+        _amx = True
 
 
 _load()
@@ -47,6 +61,18 @@ def available() -> bool:
 def why_not() -> str:
     """Why the C kernels do not run ("" when they do)."""
     return _reason
+
+
+def amx() -> bool:
+    """True when the AMX tile kernels run (Intel Sapphire Rapids and later, Linux): the
+    int8 GEMM uses them instead of the AVX-512 VNNI one (same integers, so the same
+    results). ``LOWBIT_NO_AMX=1`` turns them off."""
+    return _mod is not None and _amx
+
+
+def why_not_amx() -> str:
+    """Why the AMX kernels do not run ("" when they do)."""
+    return _reason if _mod is None else _amx_reason
 
 
 def lib():
@@ -91,4 +117,19 @@ class disabled:
     def __exit__(self, *exc):
         global _mod
         _mod = self._saved
+        return False
+
+
+class no_amx:
+    """``with no_amx():`` runs the AVX-512 C kernels even where the AMX ones are available
+    (tests compare the two; not thread-safe)."""
+
+    def __enter__(self):
+        global _amx
+        self._saved, _amx = _amx, False
+        return self
+
+    def __exit__(self, *exc):
+        global _amx
+        _amx = self._saved
         return False

@@ -25,6 +25,21 @@
 #include <immintrin.h>
 #define LB_AVX512 \
     __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx512vnni")))
+/* AMX (tile) kernels need GCC 11 / clang 12 and Linux (the tile state must be requested
+ * from the kernel with arch_prctl); elsewhere they are not built and the AVX-512 ones run. */
+#if defined(__linux__) && ((defined(__clang__) && __clang_major__ >= 12) || \
+                           (!defined(__clang__) && __GNUC__ >= 11))
+#define LB_HAS_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define LB_AMX                                                                                \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx512vnni,"   \
+                          "amx-tile,amx-int8")))
+#endif
+#endif
+#ifndef LB_HAS_AMX
+#define LB_HAS_AMX 0
 #endif
 
 /* 1 when the AVX-512 kernels can run here (CPU features and OS support for zmm state). */
@@ -35,6 +50,26 @@ static int lb_cpu_ok(void)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
+/* 1 when the AMX kernels can run here: the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7,
+ * EDX bits 24 and 25) and Linux grants this process the tile data state (asked once). */
+static int lb_amx_ok(void)
+{
+#if LB_HAS_AMX
+    static int ok = -1;
+    if (ok < 0) {
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        ok = 0;
+        if (lb_cpu_ok() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) &&
+            (d >> 25 & 1))
+            ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                         18 /* XFEATURE_XTILEDATA */) == 0;
+    }
+    return ok;
 #else
     return 0;
 #endif
@@ -360,6 +395,71 @@ LB_AVX512 static inline __m512i requant16(__m512i a, int pre_shift, const int64_
                               _mm512_cvtepi64_epi32(res[1]), 1);
 }
 
+/* The GEMM epilogue (modes above) of rows pb <= p < pb + nr, whose accumulators are
+ * acc[r * as + o]; fb: a float buffer of (nr + 16) * Op for mode 2. */
+LB_AVX512 static void gemm_epilogue(const int32_t *acc, int64_t as, int64_t nr, int64_t pb,
+                                    int64_t Op, int64_t O, int mode, int pre_shift,
+                                    const int64_t *bias, const int64_t *m, const int64_t *n,
+                                    const int64_t *half, int64_t lo, int64_t hi, int isz,
+                                    const float *scale, const float *fbias, int64_t hw,
+                                    void *out, float *fb)
+{
+    const int64_t OW = (O + 63) / 64;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t p = pb + r;
+        const int32_t *ar = acc + r * as;
+        uint64_t word = 0;
+        for (int64_t o = 0; o < Op; o += 16) {
+            const __m512i a = _mm512_loadu_si512((const void *)(ar + o));
+            const __mmask16 t = tail16(O - o);
+            if (o >= O && mode != 3) break;
+            if (mode == 4) {
+                _mm512_mask_storeu_epi32((int32_t *)out + p * O + o, t, a);
+                continue;
+            }
+            if (mode == 0) {
+                const __m512i q = requant16(a, pre_shift, bias + o, m + o, n + o, half + o,
+                                            lo, hi);
+                if (isz == 1)
+                    _mm_mask_storeu_epi8((int8_t *)out + p * O + o, t, _mm512_cvtepi32_epi8(q));
+                else if (isz == 2)
+                    _mm256_mask_storeu_epi16((int16_t *)out + p * O + o, t,
+                                             _mm512_cvtepi32_epi16(q));
+                else
+                    _mm512_mask_storeu_epi32((int32_t *)out + p * O + o, t, q);
+                continue;
+            }
+            const __m512 v = _mm512_add_ps(
+                _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_loadu_ps(scale + o)),
+                _mm512_loadu_ps(fbias + o));
+            if (mode == 1) {
+                _mm512_mask_storeu_ps((float *)out + p * O + o, t, v);
+            } else if (mode == 2) {
+                _mm512_storeu_ps(fb + r * Op + o, v);
+            } else {
+                const uint64_t bits = (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
+                word |= bits << (o & 63);
+                if ((o & 63) == 48 || o + 16 >= Op) {
+                    if (o / 64 < OW) ((uint64_t *)out)[p * OW + o / 64] = word;
+                    word = 0;
+                }
+            }
+        }
+    }
+    if (mode == 2) { /* runs of rows inside one image, stored along each channel */
+        for (int64_t r = 0; r < nr;) { /* 16 x 16 blocks transposed in registers */
+            const int64_t p = pb + r, img = p / hw, q0 = p - img * hw;
+            const int64_t seg = nr - r < hw - q0 ? nr - r : hw - q0;
+            for (int64_t j = 0; j < seg; j += 16)
+                for (int64_t o = 0; o < O; o += 16)
+                    store_nchw16(fb + (r + j) * Op, Op, seg - j, o, O,
+                                 (float *)out + img * O * hw + q0 + j, hw);
+            r += seg;
+        }
+    }
+}
+
 LB_AVX512 static int lb_gemm_u8s8(const uint8_t *xu, int interleaved, const int8_t *wz,
                                   const int32_t *init, int64_t P, int64_t Kp, int64_t Op,
                                   int64_t O, int mode,
@@ -368,7 +468,7 @@ LB_AVX512 static int lb_gemm_u8s8(const uint8_t *xu, int interleaved, const int8
                                      int64_t hi, int isz, const float *scale, const float *fbias,
                                      int64_t hw, void *out, int64_t p0, int64_t p1)
 {
-    const int64_t k4 = Kp / 4, wvs = k4 * 32, OB = Op / 8, OW = (O + 63) / 64;
+    const int64_t k4 = Kp / 4, wvs = k4 * 32, OB = Op / 8;
     /* row p's bytes k..k+3 at xu + p * xr + (k / 4) * xk: rows [P, Kp], or interleaved
      * [Kp/4, P, 4] (the layout lb_quant_k4 writes from an NCHW input) */
     const int64_t xr = interleaved ? 4 : Kp, xk = interleaved ? 4 * P : 4;
@@ -379,7 +479,6 @@ LB_AVX512 static int lb_gemm_u8s8(const uint8_t *xu, int interleaved, const int8
         free(fb);
         return -1;
     }
-    const __m512 zero = _mm512_setzero_ps();
     for (int64_t pb = p0; pb < p1; pb += GRB) {
         const int64_t nr = p1 - pb < GRB ? p1 - pb : GRB;
         for (int64_t ob = 0; ob < OB; ob += GNV) {
@@ -390,63 +489,140 @@ LB_AVX512 static int lb_gemm_u8s8(const uint8_t *xu, int interleaved, const int8
                                        init + 8 * ob, acc + r * Op + 8 * ob, Op);
             }
         }
-        for (int64_t r = 0; r < nr; r++) {
-            const int64_t p = pb + r;
-            const int32_t *ar = acc + r * Op;
-            uint64_t word = 0;
-            for (int64_t o = 0; o < Op; o += 16) {
-                const __m512i a = _mm512_loadu_si512((const void *)(ar + o));
-                const __mmask16 t = tail16(O - o);
-                if (o >= O && mode != 3) break;
-                if (mode == 4) {
-                    _mm512_mask_storeu_epi32((int32_t *)out + p * O + o, t, a);
-                    continue;
-                }
-                if (mode == 0) {
-                    const __m512i q = requant16(a, pre_shift, bias + o, m + o, n + o, half + o,
-                                                lo, hi);
-                    if (isz == 1)
-                        _mm_mask_storeu_epi8((int8_t *)out + p * O + o, t, _mm512_cvtepi32_epi8(q));
-                    else if (isz == 2)
-                        _mm256_mask_storeu_epi16((int16_t *)out + p * O + o, t,
-                                                 _mm512_cvtepi32_epi16(q));
-                    else
-                        _mm512_mask_storeu_epi32((int32_t *)out + p * O + o, t, q);
-                    continue;
-                }
-                const __m512 v = _mm512_add_ps(
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_loadu_ps(scale + o)),
-                    _mm512_loadu_ps(fbias + o));
-                if (mode == 1) {
-                    _mm512_mask_storeu_ps((float *)out + p * O + o, t, v);
-                } else if (mode == 2) {
-                    _mm512_storeu_ps(fb + r * Op + o, v);
-                } else {
-                    const uint64_t bits = (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ);
-                    word |= bits << (o & 63);
-                    if ((o & 63) == 48 || o + 16 >= Op) {
-                        if (o / 64 < OW) ((uint64_t *)out)[p * OW + o / 64] = word;
-                        word = 0;
-                    }
-                }
-            }
-        }
-        if (mode == 2) { /* runs of rows inside one image, stored along each channel */
-            for (int64_t r = 0; r < nr;) { /* 16 x 16 blocks transposed in registers */
-                const int64_t p = pb + r, img = p / hw, q0 = p - img * hw;
-                const int64_t seg = nr - r < hw - q0 ? nr - r : hw - q0;
-                for (int64_t j = 0; j < seg; j += 16)
-                    for (int64_t o = 0; o < O; o += 16)
-                        store_nchw16(fb + (r + j) * Op, Op, seg - j, o, O,
-                                     (float *)out + img * O * hw + q0 + j, hw);
-                r += seg;
-            }
-        }
+        gemm_epilogue(acc, Op, nr, pb, Op, O, mode, pre_shift, bias, m, n, half, lo, hi, isz,
+                      scale, fbias, hw, out, fb);
     }
     free(acc);
     free(fb);
     return 0;
 }
+
+
+#if LB_HAS_AMX
+/* ------------------------------------------------------------------------------------
+ * AMX (Intel Sapphire Rapids and later: AMX-TILE, AMX-INT8): the same integer GEMM on
+ * the tile unit. tdpbusd multiplies a 16 x 64 uint8 tile by a
+ * 64 x 16 int8 tile (stored as 16 rows of 16 x 4 bytes, the "VNNI" layout) into 16 x 16
+ * int32 accumulators: 16,384 multiply-adds per instruction, against 64 for a 512-bit
+ * vpdpbusd. The sums are the same integers as the AVX-512 kernels', so every epilogue
+ * (and every result) is bit-identical (tests/test_cext.py compares the paths).
+ * Tiles: 0, 1 inputs (16 rows each), 2, 3 weights (16 channels each), 4..7 accumulators
+ * (2 x 2 blocking: 32 rows x 32 channels per pass). The tile configuration is per thread,
+ * so every call loads it and releases the tiles at the end.
+ * ------------------------------------------------------------------------------------ */
+typedef struct {
+    uint8_t palette, start;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} lb_tilecfg;
+
+LB_AMX static void amx_begin(void)
+{
+    lb_tilecfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        c.colsb[i] = 64;
+        c.rows[i] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* rows r < nr of the interleaved input [Kp/4, P, 4] from row pb, as rows of Kq bytes
+ * (zero above Kp and below 32 rows): 16 x 16 blocks of 32-bit words transposed */
+LB_AMX static void amx_panel_k4(const uint8_t *xu, int64_t P, int64_t Kp, int64_t Kq,
+                                int64_t pb, int64_t nr, uint8_t *apan)
+{
+    const int64_t k4 = Kp / 4;
+    const uint32_t *x32 = (const uint32_t *)xu;
+    for (int64_t r0 = 0; r0 < 32; r0 += 16) {
+        const __mmask16 rm = r0 < nr ? tail16(nr - r0) : 0;
+        for (int64_t kk = 0; kk < Kq / 4; kk += 16) {
+            __m512 v[16];
+            for (int j = 0; j < 16; j++)
+                v[j] = kk + j < k4 ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(
+                                         rm, x32 + (kk + j) * P + pb + r0))
+                                   : _mm512_setzero_ps();
+            transpose16(v);
+            for (int j = 0; j < 16; j++)
+                _mm512_storeu_ps((float *)(apan + (r0 + j) * Kq) + kk, v[j]);
+        }
+    }
+}
+
+/* The AMX GEMM: as lb_gemm_u8s8, with the weights wa [Oq/16, Kq/4, 16, 4] int8 (Kq = Kp
+ * rounded up to 64, Oq = Op rounded up to 32, zeros above) */
+LB_AMX static int lb_gemm_amx(const uint8_t *xu, int interleaved, const int8_t *wa,
+                              const int32_t *init, int64_t P, int64_t Kp, int64_t Op, int64_t O,
+                              int mode, int pre_shift, const int64_t *bias, const int64_t *m,
+                              const int64_t *n, const int64_t *half, int64_t lo, int64_t hi,
+                              int isz, const float *scale, const float *fbias, int64_t hw,
+                              void *out, int64_t p0, int64_t p1)
+{
+    const int64_t Kq = (Kp + 63) / 64 * 64, Oq = (Op + 31) / 32 * 32, kq4 = Kq / 4;
+    int32_t *acc = (int32_t *)malloc((size_t)(32 * Oq) * sizeof(int32_t));
+    int32_t *ini = (int32_t *)calloc((size_t)(16 * Oq), sizeof(int32_t));
+    uint8_t *apan = (uint8_t *)calloc((size_t)(32 * Kq), 1);
+    float *fb = mode == 2 ? (float *)calloc((size_t)((32 + 16) * Op), sizeof(float)) : NULL;
+    if (!acc || !ini || !apan || (mode == 2 && !fb)) {
+        free(acc);
+        free(ini);
+        free(apan);
+        free(fb);
+        return -1;
+    }
+    for (int64_t r = 0; r < 16; r++) memcpy(ini + r * Oq, init, (size_t)Op * sizeof(int32_t));
+    amx_begin();
+    for (int64_t pb = p0; pb < p1; pb += 32) {
+        const int64_t nr = p1 - pb < 32 ? p1 - pb : 32;
+        if (interleaved) {
+            amx_panel_k4(xu, P, Kp, Kq, pb, nr, apan);
+        } else {
+            for (int64_t r = 0; r < 32; r++) {
+                if (r < nr) memcpy(apan + r * Kq, xu + (pb + r) * Kp, (size_t)Kp);
+                else memset(apan + r * Kq, 0, (size_t)Kp);
+            }
+        }
+        const int two = nr > 16;
+        for (int64_t ob = 0; ob < Oq; ob += 32) {
+            const int8_t *w0 = wa + (ob / 16) * kq4 * 64, *w1 = w0 + kq4 * 64;
+            _tile_loadd(4, ini + ob, Oq * 4);
+            _tile_loadd(5, ini + ob + 16, Oq * 4);
+            if (two) {
+                _tile_loadd(6, ini + ob, Oq * 4);
+                _tile_loadd(7, ini + ob + 16, Oq * 4);
+            }
+            for (int64_t kb = 0; kb < Kq; kb += 64) {
+                _tile_loadd(0, apan + kb, Kq);
+                _tile_loadd(2, w0 + kb * 16, 64);
+                _tile_loadd(3, w1 + kb * 16, 64);
+                _tile_dpbusd(4, 0, 2);
+                _tile_dpbusd(5, 0, 3);
+                if (two) {
+                    _tile_loadd(1, apan + 16 * Kq + kb, Kq);
+                    _tile_dpbusd(6, 1, 2);
+                    _tile_dpbusd(7, 1, 3);
+                }
+            }
+            _tile_stored(4, acc + ob, Oq * 4);
+            _tile_stored(5, acc + ob + 16, Oq * 4);
+            if (two) {
+                _tile_stored(6, acc + 16 * Oq + ob, Oq * 4);
+                _tile_stored(7, acc + 16 * Oq + ob + 16, Oq * 4);
+            }
+        }
+        gemm_epilogue(acc, Oq, nr, pb, Op, O, mode, pre_shift, bias, m, n, half, lo, hi, isz,
+                      scale, fbias, hw, out, fb);
+    }
+    _tile_release();
+    free(acc);
+    free(ini);
+    free(apan);
+    free(fb);
+    return 0;
+}
+#endif /* LB_HAS_AMX */
 
 
 /* ------------------------------------------------------------------------------------
@@ -574,6 +750,13 @@ static PyObject *py_cpu_ok(PyObject *self, PyObject *args)
     return PyBool_FromLong(lb_cpu_ok());
 }
 
+static PyObject *py_amx_ok(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(lb_amx_ok());
+}
+
 #ifdef LB_X86
 static int need(const Py_buffer *b, int64_t bytes, const char *what)
 {
@@ -638,9 +821,11 @@ static PyObject *py_xnor_conv(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-static PyObject *py_gemm_u8s8(PyObject *self, PyObject *args)
+/* gemm_u8s8 and gemm_amx take the same arguments; amx selects the AMX tile kernel (its
+ * weights in the tile layout of amx_weights: Op rounded up to 32, Kp to 64). */
+static PyObject *gemm_call(PyObject *args, int amx)
 {
-    (void)self;
+    const char *name = amx ? "_lbk.gemm_amx" : "_lbk.gemm_u8s8";
     Py_buffer b[10];
     long long P, Kp, Op, O, lo, hi, hw, p0, p1;
     int interleaved, mode, pre_shift, isz;
@@ -654,13 +839,15 @@ static PyObject *py_gemm_u8s8(PyObject *self, PyObject *args)
                    (isz == 1 || isz == 2 || isz == 4) && hw >= 1 && 0 <= p0 && p0 <= p1 &&
                    p1 <= P && (mode != 2 || P % hw == 0);
     if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "_lbk.gemm_u8s8: inconsistent arguments");
+        PyErr_Format(PyExc_ValueError, "%s: inconsistent arguments", name);
         release(b, 10);
         return NULL;
     }
     const int64_t OW = (O + 63) / 64;
     const int64_t outn = mode == 3 ? P * OW * 8 : P * O * (mode == 0 ? isz : 4);
-    if (!need(&b[0], P * Kp, "xu") || !need(&b[1], Op * Kp, "w") || !need(&b[2], Op * 4, "init") ||
+    const int64_t wn = amx ? (Op + 31) / 32 * 32 * ((Kp + 63) / 64 * 64) : Op * Kp;
+    if (!need(&b[0], P * Kp, "xu") || !need(&b[1], wn, amx ? "wa" : "w") ||
+        !need(&b[2], Op * 4, "init") ||
         (mode == 0 && (!need(&b[3], Op * 8, "bias") || !need(&b[4], Op * 8, "m") ||
                        !need(&b[5], Op * 8, "n") || !need(&b[6], Op * 8, "half"))) ||
         (mode >= 1 && mode <= 3 && (!need(&b[7], Op * 4, "scale") || !need(&b[8], Op * 4, "fbias"))) ||
@@ -668,16 +855,44 @@ static PyObject *py_gemm_u8s8(PyObject *self, PyObject *args)
         release(b, 10);
         return NULL;
     }
+#if LB_HAS_AMX
+    if (amx && !lb_amx_ok()) {
+        PyErr_Format(PyExc_RuntimeError, "%s: AMX is not available here", name);
+        release(b, 10);
+        return NULL;
+    }
+#endif
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = lb_gemm_u8s8(b[0].buf, interleaved, b[1].buf, b[2].buf, P, Kp, Op, O, mode, pre_shift, b[3].buf,
-                      b[4].buf, b[5].buf, b[6].buf, lo, hi, isz, b[7].buf, b[8].buf, hw, b[9].buf,
-                      p0, p1);
+#if LB_HAS_AMX
+    if (amx)
+        rc = lb_gemm_amx(b[0].buf, interleaved, b[1].buf, b[2].buf, P, Kp, Op, O, mode, pre_shift,
+                         b[3].buf, b[4].buf, b[5].buf, b[6].buf, lo, hi, isz, b[7].buf, b[8].buf, hw,
+                         b[9].buf, p0, p1);
+    else
+#endif
+        rc = lb_gemm_u8s8(b[0].buf, interleaved, b[1].buf, b[2].buf, P, Kp, Op, O, mode, pre_shift,
+                          b[3].buf, b[4].buf, b[5].buf, b[6].buf, lo, hi, isz, b[7].buf, b[8].buf, hw,
+                          b[9].buf, p0, p1);
     Py_END_ALLOW_THREADS
     release(b, 10);
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
+
+static PyObject *py_gemm_u8s8(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return gemm_call(args, 0);
+}
+
+#if LB_HAS_AMX
+static PyObject *py_gemm_amx(PyObject *self, PyObject *args)
+{
+    (void)self;
+    return gemm_call(args, 1);
+}
+#endif
 
 static PyObject *py_quant_k4(PyObject *self, PyObject *args)
 {
@@ -745,11 +960,15 @@ static PyObject *py_sign_pack(PyObject *self, PyObject *args)
 
 static PyMethodDef lbk_methods[] = {
     {"cpu_ok", py_cpu_ok, METH_NOARGS, "True when this CPU runs the AVX-512 kernels."},
+    {"amx_ok", py_amx_ok, METH_NOARGS, "True when this CPU and OS run the AMX kernels."},
 #ifdef LB_X86
     {"xnor_conv", py_xnor_conv, METH_VARARGS, "Binary conv (XOR + popcount), fused epilogue."},
     {"gemm_u8s8", py_gemm_u8s8, METH_VARARGS, "uint8 x int8 GEMM (VNNI), fused epilogue."},
     {"quant_k4", py_quant_k4, METH_VARARGS, "NCHW float32 -> interleaved uint8 GEMM input."},
     {"sign_pack", py_sign_pack, METH_VARARGS, "float32 rows or NCHW -> packed sign bits."},
+#if LB_HAS_AMX
+    {"gemm_amx", py_gemm_amx, METH_VARARGS, "uint8 x int8 GEMM (AMX tiles), fused epilogue."},
+#endif
 #endif
     {NULL, NULL, 0, NULL},
 };

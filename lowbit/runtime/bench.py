@@ -255,6 +255,7 @@ def machine_info(threads: int) -> dict[str, Any]:
 
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "vnni": K.HAS_VNNI,
             "c_kernels": _cext.available() or _cext.why_not(),
+            "amx": _cext.amx() or _cext.why_not_amx(),
             "load_average_1min": load1, "python": platform.python_version(),
             "versions": versions}  # fmt: skip
 

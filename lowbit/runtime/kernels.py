@@ -32,7 +32,7 @@ Weights are repacked once with :func:`prepare_conv` / :func:`prepare_linear` /
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import llvmlite.binding as _llvm
 import numba
@@ -1036,6 +1036,17 @@ def _gemm_fused(vnni, xu, wp, w2d, init, O, mode, pre_shift, bias, m, n, half, l
                     orow[o] = ar[o]
 
 
+def amx_weights(w2d: np.ndarray) -> np.ndarray:
+    """``w2d [Op, Kp]`` int8 -> the AMX tile layout ``[Oq/16, Kq/4, 16, 4]`` (Kq = Kp rounded
+    up to 64, Oq = Op rounded up to 32, zeros above): each 64-byte row holds 4 consecutive
+    k of 16 output channels, so 16 such rows are one weight tile of ``tdpbusd``."""
+    Op, Kp = w2d.shape
+    Kq, Oq = -(-Kp // 64) * 64, -(-Op // 32) * 32
+    w = np.zeros((Oq, Kq), np.int8)
+    w[:Op, :Kp] = w2d
+    return np.ascontiguousarray(w.reshape(Oq // 16, 16, Kq // 4, 4).transpose(0, 2, 1, 3))
+
+
 def gemm_fused(xu, pc: PackedConv, init, O, mode, pre_shift, bias, m, n, half, lo, hi,
                scale, fbias, hw, out, interleaved: bool = False) -> None:  # fmt: skip
     """The int8 GEMM of group 0 of ``pc`` over ``xu [P, Kp]`` (uint8) with the epilogue
@@ -1052,9 +1063,16 @@ def gemm_fused(xu, pc: PackedConv, init, O, mode, pre_shift, bias, m, n, half, l
         elif mode in (1, 2, 3):
             scale, fbias = _padded(scale, Op), _padded(fbias, Op)
         P, Kp = (xu.shape[1], xu.shape[0] * 4) if interleaved else xu.shape
-        args = (xu, interleaved, pc.wp[0], init, P, Kp, Op, O, mode, pre_shift, bias, m, n,
+        w, align = pc.wp[0], _MR * _TB
+        if _cext.amx():
+            align = 32
+            f = _cext.lib().gemm_amx
+            w = pc.cache.get("amx")
+            if w is None:
+                w = pc.cache["amx"] = amx_weights(pc.w2d[0])
+        args = (xu, interleaved, w, init, P, Kp, Op, O, mode, pre_shift, bias, m, n,
                 half, lo, hi, isz, scale, fbias, hw, out)  # fmt: skip
-        _cext.parallel_rows(lambda r0, r1: f(*args, r0, r1), P, get_threads(), align=_MR * _TB)
+        _cext.parallel_rows(lambda r0, r1: f(*args, r0, r1), P, get_threads(), align=align)
         return
     if interleaved:
         raise ValueError("an interleaved GEMM input needs the C kernels")
@@ -1472,6 +1490,7 @@ class PackedConv:
     corr: np.ndarray | None = None
     zero: np.ndarray | None = None
     w32: np.ndarray | None = None
+    cache: dict = field(default_factory=dict, repr=False)  # other layouts, made on first use
 
     @property
     def k(self) -> int:
