@@ -194,6 +194,26 @@ def test_quant_k4_equals_the_row_quantizer(c, stride):
 
 
 @needs_c
+@pytest.mark.parametrize("s", [0.37, 0.0123, 1 / 3, 0.7071, 2.5e-3])
+def test_quant_k4_rounds_as_the_division_next_to_half_integers(s):
+    """The C quantizer multiplies by 1/s and divides only where the product is within a
+    few ulps of a half-integer: inputs a few ulps around (k + 1/2) s give rint(x / s)."""
+    s = np.float32(s)
+    mid = ((np.arange(-130, 130, dtype=np.float32) + np.float32(0.5)) * s).astype(np.float32)
+    steps = np.arange(-6, 7)
+    bits = mid.view(np.int32)[:, None] + np.where(mid[:, None] < 0, -steps, steps)
+    x = bits.astype(np.int32).view(np.float32).reshape(-1)
+    x = np.concatenate([x, np.float32([0, -0.0, 1e-40, np.inf, -np.inf])])
+    x = np.pad(x, (0, -len(x) % 16)).reshape(1, -1, 1, 16)  # C channels of 16 pixels
+    c = x.shape[1]
+    want = np.clip(np.rint(x / s), -127, 127).astype(np.int32) + 128
+    got = K.quant_nchw_k4(x, s, -127, 127, 128, 1, 1, -(-c // 4) * 4)
+    got = got.transpose(1, 0, 2).reshape(16, -1)[:, :c].T.reshape(x.shape)
+    assert (np.rint(x / s) != np.rint(x * (np.float32(1) / s))).any()  # the cases exist
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_c
 def test_wrong_sizes_are_value_errors_not_crashes():
     lib = _cext.lib()
     small = np.zeros(4, np.uint8)

@@ -334,6 +334,30 @@ def test_zoo_prom(name, tmp_path):
     assert sum(r.get("macs", 0) for r in prof) > 0
 
 
+class ConvOut(nn.Module):
+    """Ends in a conv: the Engine writes that layer's output NCHW."""
+
+    default_input_shape = (3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 6, 1, stride=2)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x)))
+
+
+def test_profile_counts_macs_of_nchw_outputs(tmp_path):
+    net = compress_(ConvOut(), _recipe("int8", "int8"))
+    with torch.no_grad():  # int8 activation ranges
+        net.train()(torch.randn(8, 3, 8, 8))
+    _, eng = _roundtrip(freeze(net.eval()), tmp_path)
+    macs = {r["name"]: r["macs"] for r in eng.profile(_x(2, (3, 8, 8))) if "macs" in r}
+    assert eng.steps[-1].layer.nchw_out  # the case the count once got wrong
+    assert macs == {"c1": 2 * 8 * 8 * 8 * 27, "c2": 2 * 4 * 4 * 6 * 8}
+
+
 # ------------------------------------------------------------------ errors and isolation
 
 

@@ -396,13 +396,14 @@ LB_AVX512 static inline __m512i requant16(__m512i a, int pre_shift, const int64_
 }
 
 /* The GEMM epilogue (modes above) of rows pb <= p < pb + nr, whose accumulators are
- * acc[r * as + o]; fb: a float buffer of (nr + 16) * Op for mode 2. */
+ * acc[r * as + o]; fb: a float buffer of (nr + 16) * Op for mode 2; ldo: the row stride of
+ * out in elements for modes 0, 1, 4 (O, or more when out points into a wider row). */
 LB_AVX512 static void gemm_epilogue(const int32_t *acc, int64_t as, int64_t nr, int64_t pb,
                                     int64_t Op, int64_t O, int mode, int pre_shift,
                                     const int64_t *bias, const int64_t *m, const int64_t *n,
                                     const int64_t *half, int64_t lo, int64_t hi, int isz,
                                     const float *scale, const float *fbias, int64_t hw,
-                                    void *out, float *fb)
+                                    void *out, float *fb, int64_t ldo)
 {
     const int64_t OW = (O + 63) / 64;
     const __m512 zero = _mm512_setzero_ps();
@@ -415,26 +416,26 @@ LB_AVX512 static void gemm_epilogue(const int32_t *acc, int64_t as, int64_t nr, 
             const __mmask16 t = tail16(O - o);
             if (o >= O && mode != 3) break;
             if (mode == 4) {
-                _mm512_mask_storeu_epi32((int32_t *)out + p * O + o, t, a);
+                _mm512_mask_storeu_epi32((int32_t *)out + p * ldo + o, t, a);
                 continue;
             }
             if (mode == 0) {
                 const __m512i q = requant16(a, pre_shift, bias + o, m + o, n + o, half + o,
                                             lo, hi);
                 if (isz == 1)
-                    _mm_mask_storeu_epi8((int8_t *)out + p * O + o, t, _mm512_cvtepi32_epi8(q));
+                    _mm_mask_storeu_epi8((int8_t *)out + p * ldo + o, t, _mm512_cvtepi32_epi8(q));
                 else if (isz == 2)
-                    _mm256_mask_storeu_epi16((int16_t *)out + p * O + o, t,
+                    _mm256_mask_storeu_epi16((int16_t *)out + p * ldo + o, t,
                                              _mm512_cvtepi32_epi16(q));
                 else
-                    _mm512_mask_storeu_epi32((int32_t *)out + p * O + o, t, q);
+                    _mm512_mask_storeu_epi32((int32_t *)out + p * ldo + o, t, q);
                 continue;
             }
             const __m512 v = _mm512_add_ps(
                 _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_loadu_ps(scale + o)),
                 _mm512_loadu_ps(fbias + o));
             if (mode == 1) {
-                _mm512_mask_storeu_ps((float *)out + p * O + o, t, v);
+                _mm512_mask_storeu_ps((float *)out + p * ldo + o, t, v);
             } else if (mode == 2) {
                 _mm512_storeu_ps(fb + r * Op + o, v);
             } else {
@@ -490,7 +491,7 @@ LB_AVX512 static int lb_gemm_u8s8(const uint8_t *xu, int interleaved, const int8
             }
         }
         gemm_epilogue(acc, Op, nr, pb, Op, O, mode, pre_shift, bias, m, n, half, lo, hi, isz,
-                      scale, fbias, hw, out, fb);
+                      scale, fbias, hw, out, fb, O);
     }
     free(acc);
     free(fb);
@@ -551,6 +552,53 @@ LB_AMX static void amx_panel_k4(const uint8_t *xu, int64_t P, int64_t Kp, int64_
     }
 }
 
+/* Mode 2 straight from one accumulator tile: tb [16, 16] int32 (rows: the pixels pb..pb+nv,
+ * columns: channels o0..o0+16) -> float (scale, fbias), transposed in registers, each
+ * channel's nv pixels stored along its NCHW plane (element by element where the rows cross
+ * an image boundary). */
+LB_AVX512 static void amx_tile_nchw(const int32_t *tb, int64_t pb, int64_t nv, int64_t o0,
+                                    int64_t O, const float *scale, const float *fbias,
+                                    int64_t hw, float *out)
+{
+    const __m512 sc = _mm512_loadu_ps(scale + o0), fbv = _mm512_loadu_ps(fbias + o0);
+    __m512 r[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = _mm512_add_ps(
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(tb + 16 * i))), sc),
+            fbv);
+    transpose16(r);
+    const int64_t img = pb / hw, q0 = pb - img * hw, nc = O - o0 < 16 ? O - o0 : 16;
+    float *base = out + img * O * hw + o0 * hw + q0;
+    if (q0 + nv <= hw) {
+        const __mmask16 m = tail16(nv);
+        for (int64_t j = 0; j < nc; j++) _mm512_mask_storeu_ps(base + j * hw, m, r[j]);
+        return;
+    }
+    float v[16][16];
+    for (int j = 0; j < 16; j++) _mm512_storeu_ps(v[j], r[j]);
+    for (int64_t i = 0; i < nv; i++) {
+        const int64_t p = pb + i, im = p / hw, q = p - im * hw;
+        for (int64_t j = 0; j < nc; j++) out[(im * O + o0 + j) * hw + q] = v[j][i];
+    }
+}
+
+/* The epilogue of one accumulator tile tb [16, 16] (rows pb..pb+nv, channels o0..o0+16)
+ * in modes 0, 1, 2, 4. */
+LB_AVX512 static void amx_tile_out(const int32_t *tb, int64_t pb, int64_t nv, int64_t o0,
+                                   int64_t O, int mode, int pre_shift, const int64_t *bias,
+                                   const int64_t *m, const int64_t *n, const int64_t *half,
+                                   int64_t lo, int64_t hi, int isz, const float *scale,
+                                   const float *fbias, int64_t hw, void *out)
+{
+    if (mode == 2) {
+        amx_tile_nchw(tb, pb, nv, o0, O, scale, fbias, hw, (float *)out);
+        return;
+    }
+    const int64_t esz = mode == 0 ? isz : 4, nc = O - o0 < 16 ? O - o0 : 16;
+    gemm_epilogue(tb, 16, nv, pb, 16, nc, mode, pre_shift, bias + o0, m + o0, n + o0, half + o0,
+                  lo, hi, isz, scale + o0, fbias + o0, hw, (char *)out + o0 * esz, NULL, O);
+}
+
 /* The AMX GEMM: as lb_gemm_u8s8, with the weights wa [Oq/16, Kq/4, 16, 4] int8 (Kq = Kp
  * rounded up to 64, Oq = Op rounded up to 32, zeros above) */
 LB_AMX static int lb_gemm_amx(const uint8_t *xu, int interleaved, const int8_t *wa,
@@ -564,12 +612,11 @@ LB_AMX static int lb_gemm_amx(const uint8_t *xu, int interleaved, const int8_t *
     int32_t *acc = (int32_t *)malloc((size_t)(32 * Oq) * sizeof(int32_t));
     int32_t *ini = (int32_t *)calloc((size_t)(16 * Oq), sizeof(int32_t));
     uint8_t *apan = (uint8_t *)calloc((size_t)(32 * Kq), 1);
-    float *fb = mode == 2 ? (float *)calloc((size_t)((32 + 16) * Op), sizeof(float)) : NULL;
-    if (!acc || !ini || !apan || (mode == 2 && !fb)) {
+    int32_t tb[256] __attribute__((aligned(64))); /* one accumulator tile */
+    if (!acc || !ini || !apan) {
         free(acc);
         free(ini);
         free(apan);
-        free(fb);
         return -1;
     }
     for (int64_t r = 0; r < 16; r++) memcpy(ini + r * Oq, init, (size_t)Op * sizeof(int32_t));
@@ -605,6 +652,22 @@ LB_AMX static int lb_gemm_amx(const uint8_t *xu, int interleaved, const int8_t *
                     _tile_dpbusd(7, 1, 3);
                 }
             }
+            if (mode != 3) { /* the epilogue of each tile while it is in L1 */
+                const int64_t n0 = nr < 16 ? nr : 16, n1 = nr - 16;
+#define LB_TILE_OUT(T, ROW, COL, NV)                                                        \
+    _tile_stored(T, tb, 64);                                                                \
+    if (ob + (COL) < O)                                                                     \
+        amx_tile_out(tb, pb + (ROW), NV, ob + (COL), O, mode, pre_shift, bias, m, n, half, lo, \
+                     hi, isz, scale, fbias, hw, out);
+                LB_TILE_OUT(4, 0, 0, n0)
+                LB_TILE_OUT(5, 0, 16, n0)
+                if (two) {
+                    LB_TILE_OUT(6, 16, 0, n1)
+                    LB_TILE_OUT(7, 16, 16, n1)
+                }
+#undef LB_TILE_OUT
+                continue;
+            }
             _tile_stored(4, acc + ob, Oq * 4);
             _tile_stored(5, acc + ob + 16, Oq * 4);
             if (two) {
@@ -612,14 +675,14 @@ LB_AMX static int lb_gemm_amx(const uint8_t *xu, int interleaved, const int8_t *
                 _tile_stored(7, acc + 16 * Oq + ob + 16, Oq * 4);
             }
         }
-        gemm_epilogue(acc, Oq, nr, pb, Op, O, mode, pre_shift, bias, m, n, half, lo, hi, isz,
-                      scale, fbias, hw, out, fb);
+        if (mode == 3) /* sign bits: 64 channels a word, from the whole row block */
+            gemm_epilogue(acc, Oq, nr, pb, Op, O, mode, pre_shift, bias, m, n, half, lo, hi, isz,
+                          scale, fbias, hw, out, NULL, O);
     }
     _tile_release();
     free(acc);
     free(ini);
     free(apan);
-    free(fb);
     return 0;
 }
 #endif /* LB_HAS_AMX */
@@ -630,6 +693,15 @@ LB_AMX static int lb_gemm_amx(const uint8_t *xu, int interleaved, const int8_t *
  * q = clip(rint(x / s), lo, hi) + shift (uint8), for the pixels of a pointwise conv with
  * stride (sh, sw), written interleaved: out[k / 4, p, k % 4] for GEMM row p = (n, ho, wo)
  * and channel k < Kp (channels >= C are 0). Rows r0 <= r < r1 of the N*Ho rows.
+ * shift is 0 (lo >= 0, hi <= 255) or 128 (-128 <= lo, hi <= 127).
+ *
+ * No division: rint(x * (1/s)) equals rint(x / s) (the float32 quotient, as the reference
+ * rounds it) unless x * (1/s) lies within a few ulps of a half-integer: the product differs
+ * from the quotient by under 3 ulps, i.e. under 2^-13 for |x/s| < 512, and beyond 512 both
+ * clip to the same bound. A vector with any lane whose fraction is within 2^-12 of 1/2
+ * (vreduceps: y - rint(y)) takes the division (rare; vdivps is ~10x a product).
+ * Four channels of 16 pixels are narrowed together: two vpackssdw and one byte pack give,
+ * per 128-bit lane, 4 pixels x 4 channels channel-major, and one vpshufb interleaves them.
  * ------------------------------------------------------------------------------------ */
 LB_AVX512 static void lb_quant_k4(const float *x, float s, float lo, float hi, int shift,
                                   int64_t N, int64_t C, int64_t H, int64_t W, int64_t sh,
@@ -637,7 +709,11 @@ LB_AVX512 static void lb_quant_k4(const float *x, float s, float lo, float hi, i
 {
     const int64_t Ho = (H - 1) / sh + 1, Wo = (W - 1) / sw + 1, P = N * Ho * Wo;
     const __m512 vs = _mm512_set1_ps(s), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
-    const __m512i vsh = _mm512_set1_epi32(shift);
+    const __m512 vr = _mm512_set1_ps(1.0f / s), vnear = _mm512_set1_ps(0.5f - 0x1p-12f);
+    const __m512 absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512i vpad = _mm512_set1_epi32(-shift), v80 = _mm512_set1_epi8((char)0x80);
+    const __m512i shuf = _mm512_broadcast_i32x4(
+        _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
     const __m512i gidx = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32((int)sw));
@@ -648,29 +724,29 @@ LB_AVX512 static void lb_quant_k4(const float *x, float s, float lo, float hi, i
             uint8_t *dst = out + (k4 * P + r * Wo) * 4;
             for (int64_t wo = 0; wo < Wo; wo += 16) {
                 const __mmask16 m = tail16(Wo - wo);
-                __m128i q[4];
+                __m512i q[4];
                 for (int j = 0; j < 4; j++) {
                     const int64_t c = 4 * k4 + j;
-                    if (c >= C) {
-                        q[j] = _mm_setzero_si128();
+                    if (c >= C) { /* a zero byte once shifted */
+                        q[j] = vpad;
                         continue;
                     }
                     const float *src = x + ((n * C + c) * H + ho * sh) * W + wo * sw;
                     const __m512 v = sw == 1 ? _mm512_maskz_loadu_ps(m, src)
                                              : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m,
                                                                         gidx, src, 4);
-                    __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v, vs),
+                    __m512 y = _mm512_mul_ps(v, vr);
+                    const __m512 frac = _mm512_and_ps(
+                        _mm512_reduce_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), absm);
+                    if (_mm512_mask_cmp_ps_mask(m, frac, vnear, _CMP_GE_OQ)) y = _mm512_div_ps(v, vs);
+                    /* clip before rounding (lo, hi integers): NaN -> lo, +-inf -> hi, lo */
+                    q[j] = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(y, vlo), vhi),
                                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                    t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
-                    q[j] = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(t), vsh));
                 }
-                const __m128i a = _mm_unpacklo_epi8(q[0], q[1]), b = _mm_unpackhi_epi8(q[0], q[1]);
-                const __m128i c = _mm_unpacklo_epi8(q[2], q[3]), d = _mm_unpackhi_epi8(q[2], q[3]);
-                const __m512i all = _mm512_inserti64x4(
-                    _mm512_castsi256_si512(_mm256_set_m128i(_mm_unpackhi_epi16(a, c),
-                                                            _mm_unpacklo_epi16(a, c))),
-                    _mm256_set_m128i(_mm_unpackhi_epi16(b, d), _mm_unpacklo_epi16(b, d)), 1);
-                _mm512_mask_storeu_epi32(dst + 4 * wo, m, all);
+                const __m512i ab = _mm512_packs_epi32(q[0], q[1]), cd = _mm512_packs_epi32(q[2], q[3]);
+                __m512i b8 = shift ? _mm512_xor_si512(_mm512_packs_epi16(ab, cd), v80)
+                                   : _mm512_packus_epi16(ab, cd);
+                _mm512_mask_storeu_epi32(dst + 4 * wo, m, _mm512_shuffle_epi8(b8, shuf));
             }
         }
     }
@@ -906,7 +982,9 @@ static PyObject *py_quant_k4(PyObject *self, PyObject *args)
                           &W, &sh, &sw, &Kp, &b[1], &r0, &r1))
         return NULL;
     const int ok = N >= 0 && C >= 1 && H >= 1 && W >= 1 && sh >= 1 && sw >= 1 && Kp >= C &&
-                   Kp % 4 == 0 && 0 <= r0 && r0 <= r1 && r1 <= N * ((H - 1) / sh + 1);
+                   Kp % 4 == 0 && 0 <= r0 && r0 <= r1 && r1 <= N * ((H - 1) / sh + 1) &&
+                   (shift == 0 || shift == 128) && lo <= hi && lo + shift >= 0 &&
+                   hi + shift <= 255;
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "_lbk.quant_k4: inconsistent arguments");
         release(b, 2);

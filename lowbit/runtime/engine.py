@@ -752,7 +752,9 @@ class _Layer:
         return np.repeat(s, self.O // s.shape[-1], axis=-1)
 
     def macs(self, y) -> int:
-        return int(np.prod(y.shape[:-1])) * self.O * self.kh * self.kw * self.cg
+        """MACs of the call that returned ``y`` (channels last, or NCHW when nchw_out)."""
+        pixels = np.prod(y.shape) // y.shape[1 if self.nchw_out and y.ndim == 4 else -1]
+        return int(pixels) * self.O * self.kh * self.kw * self.cg
 
 
 _F0 = np.zeros(1, np.float32)
