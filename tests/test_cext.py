@@ -88,6 +88,7 @@ def test_xnor_conv_c_equals_numba_and_reference(seed, n, c, o, k, hw, stride, pa
                                                               pad, dil)  # fmt: skip
     ref = K.conv2d_binary(xp, c, K.pack_binary_weights(wcodes), kh, kw, stride, pad, dil)
     K.set_threads(min(threads, K.numba.config.NUMBA_NUM_THREADS))
+    min_ns, _cext.PARALLEL_MIN_NS = _cext.PARALLEL_MIN_NS, 0  # split even these small calls
     try:
         for mode in range(4):
             got = _bin_out(mode, n, o, ho, wo)
@@ -108,6 +109,7 @@ def test_xnor_conv_c_equals_numba_and_reference(seed, n, c, o, k, hw, stride, pa
                     np.int8)))  # fmt: skip
     finally:
         K.set_threads(1)
+        _cext.PARALLEL_MIN_NS = min_ns
 
 
 def _gemm_case(rng, p, k, o, signed):
@@ -153,6 +155,7 @@ def test_gemm_c_equals_numba_every_mode(seed, p, k, o, signed, out_dtype, thread
         4: lambda: np.empty((p, o), np.int32),
     }
     K.set_threads(min(threads, K.numba.config.NUMBA_NUM_THREADS))
+    min_ns, _cext.PARALLEL_MIN_NS = _cext.PARALLEL_MIN_NS, 0  # split even these small calls
     try:
         for mode in range(5):
             args = (pc, init, o, mode, 1, bias, m, n, half, max(info.min, -(2**31)),
@@ -176,6 +179,7 @@ def test_gemm_c_equals_numba_every_mode(seed, p, k, o, signed, out_dtype, thread
             np.testing.assert_array_equal(got2, want, err_msg=f"interleaved mode {mode}")
     finally:
         K.set_threads(1)
+        _cext.PARALLEL_MIN_NS = min_ns
 
 
 @needs_c
@@ -300,3 +304,12 @@ def test_sign_pack_equals_numba(shape):
     assert K.sign_pack_fast(rows, got_rows, nchw=False)
     np.testing.assert_array_equal(got_rows, want.reshape(-1, cw))
     assert not K.sign_pack_fast(rows.astype(np.float64), got_rows, nchw=False)  # numba's
+
+
+def test_small_calls_stay_on_one_thread():
+    calls = []
+    _cext.parallel_rows(lambda r0, r1: calls.append((r0, r1)), 64, 2, est_ns=1_000)
+    assert calls == [(0, 64)]
+    calls.clear()
+    _cext.parallel_rows(lambda r0, r1: calls.append((r0, r1)), 64, 2, est_ns=1e9)
+    assert sorted(calls) == [(0, 32), (32, 64)]

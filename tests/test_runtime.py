@@ -420,7 +420,8 @@ def test_runs_without_torch(tmp_path):
     assert "ok" in r.stdout and "xnor" in r.stdout
 
 
-def test_threads_same_result(tmp_path):
+def test_threads_same_result(tmp_path, monkeypatch):
+    monkeypatch.setattr(_cext, "PARALLEL_MIN_NS", 0)  # split even these small layers
     path = tmp_path / "m.lowbit"
     save(freeze(_trained(ChainNet, "ternary", "int8", steps=1)), path)
     x = _x(4)
