@@ -116,31 +116,29 @@ def parallel_rows(fn, rows: int, threads: int, align: int = 1, est_ns: float | N
         f.result()
 
 
-class disabled:
+class _Override:
+    """Sets one of this module's switches for the ``with`` block, then restores it."""
+
+    def __init__(self, name: str, value):
+        self._name, self._value = name, value
+
+    def __enter__(self):
+        g = globals()
+        self._saved, g[self._name] = g[self._name], self._value
+        return self
+
+    def __exit__(self, *exc):
+        globals()[self._name] = self._saved
+        return False
+
+
+def disabled() -> _Override:
     """``with disabled():`` runs the numba kernels even where the C ones are available
     (tests compare the two paths; not thread-safe)."""
-
-    def __enter__(self):
-        global _mod
-        self._saved, _mod = _mod, None
-        return self
-
-    def __exit__(self, *exc):
-        global _mod
-        _mod = self._saved
-        return False
+    return _Override("_mod", None)
 
 
-class no_amx:
+def no_amx() -> _Override:
     """``with no_amx():`` runs the AVX-512 C kernels even where the AMX ones are available
     (tests compare the two; not thread-safe)."""
-
-    def __enter__(self):
-        global _amx
-        self._saved, _amx = _amx, False
-        return self
-
-    def __exit__(self, *exc):
-        global _amx
-        _amx = self._saved
-        return False
+    return _Override("_amx", False)

@@ -561,24 +561,19 @@ LB_AVX512 static void amx_tile_nchw(const int32_t *tb, int64_t pb, int64_t nv, i
                                     int64_t hw, float *out)
 {
     const __m512 sc = _mm512_loadu_ps(scale + o0), fbv = _mm512_loadu_ps(fbias + o0);
-    __m512 r[16];
+    float v[256] __attribute__((aligned(64)));
     for (int i = 0; i < 16; i++)
-        r[i] = _mm512_add_ps(
-            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(tb + 16 * i))), sc),
-            fbv);
-    transpose16(r);
+        _mm512_store_ps(v + 16 * i, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(
+                                        _mm512_load_si512((const void *)(tb + 16 * i))), sc),
+                                                  fbv));
     const int64_t img = pb / hw, q0 = pb - img * hw, nc = O - o0 < 16 ? O - o0 : 16;
-    float *base = out + img * O * hw + o0 * hw + q0;
     if (q0 + nv <= hw) {
-        const __mmask16 m = tail16(nv);
-        for (int64_t j = 0; j < nc; j++) _mm512_mask_storeu_ps(base + j * hw, m, r[j]);
+        store_nchw16(v, 16, nv, 0, nc, out + (img * O + o0) * hw + q0, hw);
         return;
     }
-    float v[16][16];
-    for (int j = 0; j < 16; j++) _mm512_storeu_ps(v[j], r[j]);
     for (int64_t i = 0; i < nv; i++) {
         const int64_t p = pb + i, im = p / hw, q = p - im * hw;
-        for (int64_t j = 0; j < nc; j++) out[(im * O + o0 + j) * hw + q] = v[j][i];
+        for (int64_t j = 0; j < nc; j++) out[(im * O + o0 + j) * hw + q] = v[16 * i + j];
     }
 }
 
@@ -609,11 +604,13 @@ LB_AMX static int lb_gemm_amx(const uint8_t *xu, int interleaved, const int8_t *
                               void *out, int64_t p0, int64_t p1)
 {
     const int64_t Kq = (Kp + 63) / 64 * 64, Oq = (Op + 31) / 32 * 32, kq4 = Kq / 4;
-    int32_t *acc = (int32_t *)malloc((size_t)(32 * Oq) * sizeof(int32_t));
+    /* the epilogue runs on each tile (tb) while it is in L1, but sign packing (mode 3)
+     * needs 64 channels a word: that mode stores the 32-row block to acc first */
+    int32_t *acc = mode == 3 ? (int32_t *)malloc((size_t)(32 * Oq) * sizeof(int32_t)) : NULL;
     int32_t *ini = (int32_t *)calloc((size_t)(16 * Oq), sizeof(int32_t));
     uint8_t *apan = (uint8_t *)calloc((size_t)(32 * Kq), 1);
-    int32_t tb[256] __attribute__((aligned(64))); /* one accumulator tile */
-    if (!acc || !ini || !apan) {
+    int32_t tb[256] __attribute__((aligned(64)));
+    if ((mode == 3 && !acc) || !ini || !apan) {
         free(acc);
         free(ini);
         free(apan);
@@ -652,7 +649,14 @@ LB_AMX static int lb_gemm_amx(const uint8_t *xu, int interleaved, const int8_t *
                     _tile_dpbusd(7, 1, 3);
                 }
             }
-            if (mode != 3) { /* the epilogue of each tile while it is in L1 */
+            if (mode == 3) {
+                _tile_stored(4, acc + ob, Oq * 4);
+                _tile_stored(5, acc + ob + 16, Oq * 4);
+                if (two) {
+                    _tile_stored(6, acc + 16 * Oq + ob, Oq * 4);
+                    _tile_stored(7, acc + 16 * Oq + ob + 16, Oq * 4);
+                }
+            } else {
                 const int64_t n0 = nr < 16 ? nr : 16, n1 = nr - 16;
 #define LB_TILE_OUT(T, ROW, COL, NV)                                                        \
     _tile_stored(T, tb, 64);                                                                \
@@ -666,16 +670,9 @@ LB_AMX static int lb_gemm_amx(const uint8_t *xu, int interleaved, const int8_t *
                     LB_TILE_OUT(7, 16, 16, n1)
                 }
 #undef LB_TILE_OUT
-                continue;
-            }
-            _tile_stored(4, acc + ob, Oq * 4);
-            _tile_stored(5, acc + ob + 16, Oq * 4);
-            if (two) {
-                _tile_stored(6, acc + 16 * Oq + ob, Oq * 4);
-                _tile_stored(7, acc + 16 * Oq + ob + 16, Oq * 4);
             }
         }
-        if (mode == 3) /* sign bits: 64 channels a word, from the whole row block */
+        if (mode == 3)
             gemm_epilogue(acc, Oq, nr, pb, Op, O, mode, pre_shift, bias, m, n, half, lo, hi, isz,
                           scale, fbias, hw, out, NULL, O);
     }

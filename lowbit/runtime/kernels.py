@@ -1065,16 +1065,15 @@ def gemm_fused(xu, pc: PackedConv, init, O, mode, pre_shift, bias, m, n, half, l
         elif mode in (1, 2, 3):
             scale, fbias = _padded(scale, Op), _padded(fbias, Op)
         P, Kp = (xu.shape[1], xu.shape[0] * 4) if interleaved else xu.shape
-        w, align = pc.wp[0], _MR * _TB
+        w, align, rate = pc.wp[0], _MR * _TB, 170  # rate: MACs per ns (measured)
         if _cext.amx():
-            align = 32
+            align, rate = 32, 400
             f = _cext.lib().gemm_amx
             w = pc.cache.get("amx")
             if w is None:
                 w = pc.cache["amx"] = amx_weights(pc.w2d[0])
         args = (xu, interleaved, w, init, P, Kp, Op, O, mode, pre_shift, bias, m, n,
                 half, lo, hi, isz, scale, fbias, hw, out)  # fmt: skip
-        rate = 400 if align == 32 else 170  # MACs per ns, AMX / AVX-512 VNNI (measured)
         _cext.parallel_rows(lambda r0, r1: f(*args, r0, r1), P, get_threads(), align=align,
                             est_ns=P * Kp * Op / rate)  # fmt: skip
         return
