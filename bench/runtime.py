@@ -154,6 +154,7 @@ def case_binary_stack(tmp: Path, repeats: int) -> dict:
     path = tmp / "binary_stack.lowbit"
     save(freeze(net), path)
     res = compare(path, threads=1, batch=1, repeats=repeats, onnx=True, per_layer=True)
+    res.update(_amx_vs_avx512(path, (128, 32, 32), repeats))
     # the literal fp32 peer: conv + BN + sign (BN not folded)
     peer = SignStackFp32(fp)
     x = torch.randn(1, 128, 32, 32)
@@ -231,6 +232,7 @@ def case_vgg_binary(tmp: Path, repeats: int) -> dict:
     res["predictions_equal_frozen"] = bool((got.argmax(1) == ref.argmax(1)).all())
     res["logits_equal_frozen"] = bool(np.array_equal(got, ref))
     res["kernels"] = sorted(set(eng.kernels().values()))
+    res.update(_amx_vs_avx512(path, (3, 32, 32), repeats))
     res["target"] = ">= 5x PyTorch fp32"
     res["target_value"] = res["speedup_vs_torch_fp32"]
     res["target_value_warm"] = res["speedup_warm_vs_torch_fp32"]
@@ -352,8 +354,10 @@ def write_markdown(out: dict, path: Path) -> None:
             lines.append(f"- {name}: {_kernel_summary(r['per_layer'])}")
     amx = [(n, r) for n, r in out["cases"].items() if "amx_speedup_vs_avx512" in r]
     if amx:
-        lines += ["", "AMX tile GEMM against the AVX-512 VNNI one (the same Engine, warm, "
-                      "alternating bursts; `LOWBIT_NO_AMX=1` selects the latter):", ""]  # fmt: skip
+        lines += ["", "AMX tile kernels (the int8 GEMM; the binary conv as +-1 int8 dot products) "
+                      "against the AVX-512 ones (VNNI GEMM; XOR + popcount), the same Engine, "
+                      "warm, alternating bursts; `LOWBIT_NO_AMX=1` selects the latter:",
+                  ""]  # fmt: skip
         for n, r in amx:
             lines.append(f"- {n}: {r['warm_lowbit_amx_ms']:.3f} ms with AMX, "
                          f"{r['warm_lowbit_avx512_ms']:.3f} ms without "

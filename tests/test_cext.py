@@ -99,6 +99,12 @@ def test_xnor_conv_c_equals_numba_and_reference(seed, n, c, o, k, hw, stride, pa
                 K.binary_conv_fused(xpad, koff, pb, c, stride, pad, dil, h, w, ho, wo, mode, sc,
                                     fb, want)  # fmt: skip
             np.testing.assert_array_equal(got, want, err_msg=f"mode {mode}")
+            if _cext.amx():  # the AVX-512 XOR kernel too, where the AMX one ran above
+                got_v = _bin_out(mode, n, o, ho, wo)
+                with _cext.no_amx():
+                    K.binary_conv_fused(xpad, koff, pb, c, stride, pad, dil, h, w, ho, wo, mode,
+                                        sc, fb, got_v)  # fmt: skip
+                np.testing.assert_array_equal(got_v, want, err_msg=f"AVX-512 mode {mode}")
             if mode == 0:
                 np.testing.assert_array_equal(got, ref)
             if mode == 1:  # the float epilogue: multiply then add, in float32
@@ -261,6 +267,23 @@ def test_wrong_sizes_are_value_errors_not_crashes():
         ro = np.zeros((1, ho, wo, 32), np.float32)
         ro.flags.writeable = False
         lib.xnor_conv(*(args[:-3] + [ro] + args[-2:]))
+    if _cext.amx():  # the AMX binary conv: the same geometry checks
+        wa = K.binary_amx_weights(pb, 64, False)
+        out = np.zeros((1, ho, wo, 32), np.float32)
+        aargs = [xpad, wa, sc, fb, 1, 7, 7, 1, 64, 3, 3, 1, 1, 1, 1, 1, 1, 5, 5, ho, wo, 32, 1,
+                 out, 0, ho]  # fmt: skip
+        lib.bconv_amx(*aargs)
+        want = np.zeros_like(out)
+        lib.xnor_conv(*(args[:-3] + [want] + args[-2:]))
+        np.testing.assert_array_equal(out, want)
+        with pytest.raises(ValueError, match="wa"):
+            lib.bconv_amx(*([xpad, wa[:1]] + aargs[2:]))
+        with pytest.raises(ValueError, match="xpad"):
+            lib.bconv_amx(*([xpad[:, :3]] + aargs[1:]))
+        with pytest.raises(ValueError, match="out"):
+            lib.bconv_amx(*(aargs[:-3] + [np.zeros(5, np.float32)] + aargs[-2:]))
+        with pytest.raises(ValueError, match="inconsistent"):  # padding past the buffer
+            lib.bconv_amx(*(aargs[:13] + [5] + aargs[14:]))
 
 
 @pytest.mark.parametrize("use_c", [True, False], ids=["c", "numba"])
@@ -279,6 +302,9 @@ def test_binary01_and_popcount_form_equals_the_integer_conv(use_c):
         xp = K.pack_signs(x)
         if use_c:
             got = K.conv2d_binary_tiled(xp, c, pb, stride, pad, dil, and01=True)
+            with _cext.no_amx():  # the AVX-512 AND + popcount kernel (AMX above, where it runs)
+                got_v = K.conv2d_binary_tiled(xp, c, pb, stride, pad, dil, and01=True)
+            np.testing.assert_array_equal(got_v, want)
         else:
             with _cext.disabled():
                 got = K.conv2d_binary_tiled(xp, c, pb, stride, pad, dil, and01=True)

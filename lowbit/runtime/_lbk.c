@@ -461,6 +461,111 @@ LB_AVX512 static void gemm_epilogue(const int32_t *acc, int64_t as, int64_t nr, 
     }
 }
 
+/* ------------------------------------------------------------------------------------
+ * Mode 2 from an interleaved input ([Kp/4, P, 4], what lb_quant_k4 writes from NCHW): the
+ * same sums with the roles of the tile swapped, pixels in the vector lanes and weights
+ * broadcast (w[o, 4k..4k+3] is one int32 of the VNNI layout, at ((o / 8) * k4 + k) * 8 +
+ * o % 8), so the accumulators come out as [o, p]: each tile of 6 channels x 32 pixels is
+ * dequantized and stored straight along the NCHW channel rows, with no transpose (the
+ * row-major tiles' NCHW store cost 15% of a 256 x 256 pointwise layer on Zen 4). Pixel
+ * blocks stay inside one image; the last vector of a short block is masked (loads and
+ * stores). Same integers, same float epilogue (float(acc) * scale + fbias): bit-equal to
+ * the row-major path.
+ * ------------------------------------------------------------------------------------ */
+#define TMR 6 /* channels per tile */
+#define TNV 4 /* 8-pixel vectors per tile */
+
+#define LB_TTILE(MR, NV)                                                                      \
+    LB_AVX512 static void ttile_##MR##_##NV(const uint8_t *x0, int64_t xk,                   \
+                                             const int32_t *const *wr, int64_t k4,            \
+                                             int32_t *acc)                                    \
+    {                                                                                         \
+        __m256i a[MR][NV];                                                                    \
+        const int32_t *w[MR];                                                                 \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                \
+            w[r] = wr[r];                                                                     \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                              \
+                a[r][v] = _mm256_setzero_si256();                                             \
+        }                                                                                     \
+        for (int64_t k = 0; k < k4; k++) {                                                    \
+            __m256i x[NV];                                                                    \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                              \
+                x[v] = _mm256_load_si256((const __m256i *)(x0 + k * xk + 32 * v));            \
+            _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                            \
+                const __m256i wv = _mm256_set1_epi32(w[r][8 * k]);                            \
+                _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                          \
+                    a[r][v] = _mm256_dpbusd_epi32(a[r][v], x[v], wv);                         \
+            }                                                                                 \
+        }                                                                                     \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                  \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                              \
+                _mm256_store_si256((__m256i *)(acc + 8 * (TNV * r + v)), a[r][v]);            \
+    }
+
+#define LB_TTILES(MR) LB_TTILE(MR, 1) LB_TTILE(MR, 2) LB_TTILE(MR, 3) LB_TTILE(MR, 4)
+LB_TTILES(1)
+LB_TTILES(2)
+LB_TTILES(3)
+LB_TTILES(4)
+LB_TTILES(5)
+LB_TTILES(6)
+
+typedef void (*ttile_fn)(const uint8_t *, int64_t, const int32_t *const *, int64_t, int32_t *);
+#define LB_TROW(MR) {ttile_##MR##_1, ttile_##MR##_2, ttile_##MR##_3, ttile_##MR##_4}
+static const ttile_fn TTILES[TMR][TNV] = {LB_TROW(1), LB_TROW(2), LB_TROW(3),
+                                          LB_TROW(4), LB_TROW(5), LB_TROW(6)};
+
+LB_AVX512 static int lb_gemm_nchw_k4(const uint8_t *xu, const int8_t *wz, const int32_t *init,
+                                      int64_t P, int64_t Kp, int64_t O, const float *scale,
+                                      const float *fbias, int64_t hw, float *out, int64_t p0,
+                                      int64_t p1)
+{
+    const int64_t k4 = Kp / 4, xk = 32 * TNV;
+    const int32_t *w32 = (const int32_t *)wz;
+    /* the block's rows copied together (in place, rows 4P bytes apart would fall into a
+     * few cache sets), zero past the block's last pixel */
+    uint8_t *pan = (uint8_t *)aligned_alloc(64, (size_t)(k4 * xk));
+    int32_t acc[TMR * TNV * 8] __attribute__((aligned(64)));
+    if (!pan) return -1;
+    for (int64_t p = p0; p < p1;) {
+        const int64_t img = p / hw, q = p - img * hw;
+        int64_t np = p1 - p < hw - q ? p1 - p : hw - q;
+        np = np > 8 * TNV ? 8 * TNV : np;
+        const int64_t nv = (np + 7) / 8;
+        const __mmask8 last = (__mmask8)((1u << (np - 8 * (nv - 1))) - 1u);
+        float *ob = out + img * O * hw + q;
+        for (int64_t k = 0; k < k4; k++) {
+            const uint8_t *src = xu + k * 4 * P + 4 * p;
+            for (int64_t v = 0; v < TNV; v++) {
+                const int64_t m = np - 8 * v;
+                const __mmask8 mv = m >= 8 ? 0xFF : m > 0 ? (__mmask8)((1u << m) - 1u) : 0;
+                _mm256_store_si256((__m256i *)(pan + k * xk + 32 * v),
+                                   _mm256_maskz_loadu_epi32(mv, src + 32 * v));
+            }
+        }
+        for (int64_t o = 0; o < O; o += TMR) {
+            const int64_t mr = O - o < TMR ? O - o : TMR;
+            const int32_t *wr[TMR];
+            for (int64_t r = 0; r < mr; r++)
+                wr[r] = w32 + ((o + r) / 8) * k4 * 8 + (o + r) % 8;
+            TTILES[mr - 1][nv - 1](pan, xk, wr, k4, acc);
+            for (int64_t r = 0; r < mr; r++) { /* float(acc + init) * scale + fbias */
+                const __m256i i0 = _mm256_set1_epi32(init[o + r]);
+                const __m256 sc = _mm256_set1_ps(scale[o + r]), fb = _mm256_set1_ps(fbias[o + r]);
+                for (int64_t v = 0; v < nv; v++) {
+                    const __m256i t = _mm256_add_epi32(
+                        _mm256_load_si256((const __m256i *)(acc + 8 * (TNV * r + v))), i0);
+                    _mm256_mask_storeu_ps(ob + (o + r) * hw + 8 * v, v < nv - 1 ? 0xFF : last,
+                                          _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(t), sc), fb));
+                }
+            }
+        }
+        p += np;
+    }
+    free(pan);
+    return 0;
+}
+
 LB_AVX512 static int lb_gemm_u8s8(const uint8_t *xu, int interleaved, const int8_t *wz,
                                   const int32_t *init, int64_t P, int64_t Kp, int64_t Op,
                                   int64_t O, int mode,
@@ -473,6 +578,9 @@ LB_AVX512 static int lb_gemm_u8s8(const uint8_t *xu, int interleaved, const int8
     /* row p's bytes k..k+3 at xu + p * xr + (k / 4) * xk: rows [P, Kp], or interleaved
      * [Kp/4, P, 4] (the layout lb_quant_k4 writes from an NCHW input) */
     const int64_t xr = interleaved ? 4 : Kp, xk = interleaved ? 4 * P : 4;
+    if (interleaved && mode == 2) {
+        return lb_gemm_nchw_k4(xu, wz, init, P, Kp, O, scale, fbias, hw, (float *)out, p0, p1);
+    }
     int32_t *acc = (int32_t *)malloc((size_t)(GRB * Op + 16) * sizeof(int32_t));
     float *fb = mode == 2 ? (float *)calloc((size_t)((GRB + 16) * Op), sizeof(float)) : NULL;
     if (!acc || (mode == 2 && !fb)) {
@@ -680,6 +788,137 @@ LB_AMX static int lb_gemm_amx(const uint8_t *xu, int interleaved, const int8_t *
     free(acc);
     free(ini);
     free(apan);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------
+ * The binary conv on the tile unit: the same sums as lb_xnor_conv (its arguments, with the
+ * weights wa in the layout of amx_weights: [Oq/16, T*CW*64/4, 16, 4] int8, channel k =
+ * (tap, word, bit), values -1/+1, or 0/1 for {0, 1} weights, zero above C and O), as int8
+ * dot products: each packed input word unpacks to 64 bytes of +1/-1 (0 in the padding), and
+ * tdpbssd multiplies 16 pixels x 64 channels by 64 channels x 16 outputs. Exact: |acc| <=
+ * T*C. Why: a 512-bit XOR + popcount + add does 512 binary MACs in about 1.5 cycles on two
+ * ports; one tdpbssd does 16,384 MACs in 16 cycles, so even at +-1 in a byte the tile unit
+ * has 3x the throughput. The input rows a thread needs are unpacked once per call into buf
+ * (rows of Wb >= Wp pixels, so that 16-row tiles of a short last block stay inside it; their
+ * extra rows are never stored). For each output row: 32 pixels x 32 channels per pass, the
+ * A tile of tap (i, j) and word cw read in place (row stride sw * 64 * CW bytes), then the
+ * row's accumulators go through gemm_epilogue (modes: 0 int32, 1 float NHWC, 2 float NCHW,
+ * 3 packed signs, as lb_xnor_conv).
+ * ------------------------------------------------------------------------------------ */
+/* A per-thread scratch buffer that only grows (kept for the thread's life, so that repeated
+ * calls do not pay for fresh pages each time: glibc maps allocations over 128 kB anew). */
+static __thread char *lb_tls_buf;
+static __thread size_t lb_tls_n;
+static void *lb_scratch(size_t n)
+{
+    if (n > lb_tls_n) {
+        free(lb_tls_buf);
+        lb_tls_buf = (char *)malloc(n);
+        lb_tls_n = lb_tls_buf ? n : 0;
+    }
+    return lb_tls_buf;
+}
+
+#define LB_BGROUP_BYTES (192 * 1024) /* accumulators of one group of output rows */
+
+LB_AMX static int lb_bconv_amx(const uint64_t *xpad, const int8_t *wa, const float *scale,
+                               const float *fbias, int64_t N, int64_t Hp, int64_t Wp, int64_t CW,
+                               int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                               int64_t pw, int64_t dh, int64_t dw, int64_t H, int64_t W,
+                               int64_t Ho, int64_t Wo, int64_t O, int mode, void *out,
+                               int64_t r0, int64_t r1)
+{
+    const int64_t Cq = 64 * CW, KC = kh * kw * CW, Oq = (O + 31) / 32 * 32;
+    const int64_t Op = (O + 15) / 16 * 16, Wv = (Wo + 15) / 16 * 16;
+    const int64_t Wneed = (Wv - 1) * sw + (kw - 1) * dw + 1, Wb = Wneed > Wp ? Wneed : Wp;
+    /* output rows per group: their accumulators stay within LB_BGROUP_BYTES */
+    int64_t G = LB_BGROUP_BYTES / (Wv * Oq * 4);
+    G = G < 1 ? 1 : G > Ho ? Ho : G;
+    const int64_t rows_in = (G - 1) * sh + (kh - 1) * dh + 1;
+    const int gmode = mode == 0 ? 4 : mode;
+    (void)N;
+    const size_t nbuf = (size_t)(rows_in * Wb * Cq + 64 + 63) / 64 * 64;
+    const size_t nacc = (size_t)(G * Wv * Oq) * 4;
+    const size_t nfb = mode == 2 ? (size_t)((Wv + 16) * Op) * 4 : 0;
+    char *scr = (char *)lb_scratch(nbuf + nacc + nfb + 64);
+    if (!scr) return -1;
+    scr = (char *)(((uintptr_t)scr + 63) & ~(uintptr_t)63);
+    int8_t *buf = (int8_t *)scr;
+    int32_t *acc = (int32_t *)(scr + nbuf);
+    float *fb = mode == 2 ? (float *)(scr + nbuf + nacc) : NULL;
+    const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+    const int64_t as = sw * Cq; /* bytes from one output pixel's window to the next */
+    amx_begin();
+    for (int64_t r = r0; r < r1;) {
+        const int64_t n = r / Ho, ha = r % Ho;
+        int64_t hb = ha + (r1 - r) < Ho ? ha + (r1 - r) : Ho;
+        hb = hb - ha > G ? ha + G : hb;
+        const int64_t hs = ha * sh, he = (hb - 1) * sh + (kh - 1) * dh + 1;
+        for (int64_t hp = hs; hp < he; hp++) { /* unpack: +1 / -1 per bit, 0 in the padding */
+            int8_t *dst = buf + (hp - hs) * Wb * Cq;
+            const int row_in = hp >= ph && hp < ph + H;
+            const uint64_t *src = xpad + (n * Hp + hp) * Wp * CW;
+            for (int64_t wp = 0; wp < Wb; wp++) {
+                const int in = row_in && wp >= pw && wp < pw + W;
+                for (int64_t c = 0; c < CW; c++)
+                    _mm512_storeu_si512((void *)(dst + wp * Cq + 64 * c),
+                                        in ? _mm512_mask_blend_epi8(src[wp * CW + c], minus, plus)
+                                           : _mm512_setzero_si512());
+            }
+        }
+        /* 32 channels (their weights, 2 KB per k-step, stay in L1) over every row of the
+         * group, two blocks of 16 pixels per pass (the next block may start the next output
+         * row: four independent accumulators even for rows of 16 pixels or fewer) */
+        const int64_t nwb = Wv / 16, nb = (hb - ha) * nwb;
+        for (int64_t ob = 0; ob < Oq; ob += 32) {
+            const int8_t *w0 = wa + (ob / 16) * KC * 1024, *w1 = w0 + KC * 1024;
+            for (int64_t bk = 0; bk < nb; bk += 2) {
+                const int two = bk + 1 < nb;
+                const int64_t ho0 = ha + bk / nwb, wa0 = 16 * (bk % nwb);
+                const int64_t ho1 = ha + (bk + 1) / nwb, wa1 = 16 * ((bk + 1) % nwb);
+                _tile_zero(4);
+                _tile_zero(5);
+                if (two) {
+                    _tile_zero(6);
+                    _tile_zero(7);
+                }
+                for (int64_t i = 0; i < kh; i++)
+                    for (int64_t j = 0; j < kw; j++) {
+                        const int8_t *a0 =
+                            buf + ((ho0 * sh - hs + i * dh) * Wb + wa0 * sw + j * dw) * Cq;
+                        const int8_t *a1 =
+                            buf + ((ho1 * sh - hs + i * dh) * Wb + wa1 * sw + j * dw) * Cq;
+                        const int64_t kc0 = (i * kw + j) * CW;
+                        for (int64_t c = 0; c < CW; c++) {
+                            _tile_loadd(0, a0 + 64 * c, as);
+                            _tile_loadd(2, w0 + (kc0 + c) * 1024, 64);
+                            _tile_loadd(3, w1 + (kc0 + c) * 1024, 64);
+                            _tile_dpbssd(4, 0, 2);
+                            _tile_dpbssd(5, 0, 3);
+                            if (two) {
+                                _tile_loadd(1, a1 + 64 * c, as);
+                                _tile_dpbssd(6, 1, 2);
+                                _tile_dpbssd(7, 1, 3);
+                            }
+                        }
+                    }
+                int32_t *c0 = acc + ((ho0 - ha) * Wv + wa0) * Oq + ob;
+                _tile_stored(4, c0, Oq * 4);
+                _tile_stored(5, c0 + 16, Oq * 4);
+                if (two) {
+                    int32_t *c1 = acc + ((ho1 - ha) * Wv + wa1) * Oq + ob;
+                    _tile_stored(6, c1, Oq * 4);
+                    _tile_stored(7, c1 + 16, Oq * 4);
+                }
+            }
+        }
+        for (int64_t ho = ha; ho < hb; ho++)
+            gemm_epilogue(acc + (ho - ha) * Wv * Oq, Oq, Wo, (n * Ho + ho) * Wo, Op, O, gmode, 0,
+                          NULL, NULL, NULL, NULL, 0, 0, 4, scale, fbias, Ho * Wo, out, fb, O);
+        r += hb - ha;
+    }
+    _tile_release();
     return 0;
 }
 #endif /* LB_HAS_AMX */
@@ -894,6 +1133,54 @@ static PyObject *py_xnor_conv(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+#if LB_HAS_AMX
+/* bconv_amx: xnor_conv's arguments with wa (the AMX weights) in place of koff, wb, wpop */
+static PyObject *py_bconv_amx(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer b[5];
+    long long N, Hp, Wp, CW, C, kh, kw, sh, sw, ph, pw, dh, dw, H, W, Ho, Wo, O, r0, r1;
+    int mode;
+    memset(b, 0, sizeof b);
+    if (!PyArg_ParseTuple(args, "y*y*y*y*LLLLLLLLLLLLLLLLLLiw*LL", &b[0], &b[1], &b[2], &b[3],
+                          &N, &Hp, &Wp, &CW, &C, &kh, &kw, &sh, &sw, &ph, &pw, &dh, &dw, &H, &W,
+                          &Ho, &Wo, &O, &mode, &b[4], &r0, &r1))
+        return NULL;
+    const int64_t KC = kh * kw * CW, Oq = (O + 31) / 32 * 32, OW = (O + 63) / 64;
+    int ok = N >= 0 && CW >= 1 && kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && dh >= 1 &&
+             dw >= 1 && Ho >= 1 && Wo >= 1 && O >= 1 && mode >= 0 && mode <= 3 && 0 <= r0 &&
+             r0 <= r1 && r1 <= N * Ho && C <= 64 * CW && ph >= 0 && pw >= 0 &&
+             ph + H <= Hp && pw + W <= Wp &&
+             (Ho - 1) * sh + (kh - 1) * dh < Hp && (Wo - 1) * sw + (kw - 1) * dw < Wp;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "_lbk.bconv_amx: inconsistent geometry");
+        release(b, 5);
+        return NULL;
+    }
+    const int64_t outn = mode == 3 ? N * Ho * Wo * OW * 8 : N * Ho * Wo * O * 4;
+    if (!need(&b[0], N * Hp * Wp * CW * 8, "xpad") || !need(&b[1], Oq * KC * 64, "wa") ||
+        (mode && (!need(&b[2], (O + 15) / 16 * 16 * 4, "scale") ||
+                  !need(&b[3], (O + 15) / 16 * 16 * 4, "fbias"))) ||
+        !need(&b[4], outn, "out")) {
+        release(b, 5);
+        return NULL;
+    }
+    if (!lb_amx_ok()) {
+        PyErr_SetString(PyExc_RuntimeError, "_lbk.bconv_amx: AMX is not available here");
+        release(b, 5);
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = lb_bconv_amx(b[0].buf, b[1].buf, b[2].buf, b[3].buf, N, Hp, Wp, CW, kh, kw, sh, sw, ph,
+                      pw, dh, dw, H, W, Ho, Wo, O, mode, b[4].buf, r0, r1);
+    Py_END_ALLOW_THREADS
+    release(b, 5);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+#endif
+
 /* gemm_u8s8 and gemm_amx take the same arguments; amx selects the AMX tile kernel (its
  * weights in the tile layout of amx_weights: Op rounded up to 32, Kp to 64). */
 static PyObject *gemm_call(PyObject *args, int amx)
@@ -1043,6 +1330,7 @@ static PyMethodDef lbk_methods[] = {
     {"sign_pack", py_sign_pack, METH_VARARGS, "float32 rows or NCHW -> packed sign bits."},
 #if LB_HAS_AMX
     {"gemm_amx", py_gemm_amx, METH_VARARGS, "uint8 x int8 GEMM (AMX tiles), fused epilogue."},
+    {"bconv_amx", py_bconv_amx, METH_VARARGS, "Binary conv as int8 AMX tiles, fused epilogue."},
 #endif
 #endif
     {NULL, NULL, 0, NULL},

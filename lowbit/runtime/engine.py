@@ -20,7 +20,8 @@ Kernels, per conv/linear layer (``Engine.kernels()`` lists the choice):
   input into 64-bit words and the layer runs XOR + popcount (zero padding is exact: padded
   taps are skipped). {0, 1} weights (SBNN) run the AND + popcount form of methods.md,
   ``sum b.x = 2 popcount(x & b) - popcount(b)`` (convs; linear layers
-  ``(acc_pm1 + sum(x)) / 2``);
+  ``(acc_pm1 + sum(x)) / 2``). Where AMX runs, xnor convs compute the same sums as int8
+  dot products of the unpacked +-1 signs on the tile unit (``_lbk.c``, lb_bconv_amx);
 - ``sst-lut``: structured sparse ternary weights (``load(..., sst_kernel="lut")``): per
   block of 16 input rows the partial sums of every codebook pattern over every group are
   tabulated once and each output channel adds one table entry per group (no multiplies);

@@ -461,6 +461,7 @@ class PackedBinaryConv:
     kh: int
     kw: int
     wtot: np.ndarray  # [8*OB] int32: popcount of all of each channel's weights
+    cache: dict = field(default_factory=dict, repr=False)  # other layouts, made on first use
 
 
 def prepare_binary_conv(wp: np.ndarray) -> PackedBinaryConv:
@@ -501,6 +502,19 @@ def binary_conv_fused(xpad, koff, pb: PackedBinaryConv, C, stride, padding, dila
     dh, dw = dilation
     N, Hp, Wp, CW = xpad.shape
     OB = pb.wb.shape[0]
+    if _cext.amx():  # int8 +-1 dot products on the tile unit (see _lbk.c, lb_bconv_amx)
+        Op = OB * 8
+        sc, fb = _padded(scale, Op), _padded(fbias, Op)
+        wa = pb.cache.get(("amx", C, bool(and01)))
+        if wa is None:
+            wa = pb.cache[("amx", C, bool(and01))] = binary_amx_weights(pb, C, and01)
+        f = _cext.lib().bconv_amx
+        args = (xpad, wa, sc, fb, N, Hp, Wp, CW, C, pb.kh, pb.kw, sh, sw, ph, pw, dh, dw, H, W,
+                Ho, Wo, pb.O, mode, out)  # fmt: skip
+        macs = N * Ho * Wo * wa.shape[0] * 16 * pb.kh * pb.kw * CW * 64
+        _cext.parallel_rows(lambda r0, r1: f(*args, r0, r1), N * Ho, get_threads(),
+                            est_ns=macs / 1500)  # fmt: skip
+        return
     if _cext.available():
         Op = OB * 8
         sc, fb = _padded(scale, Op), _padded(fbias, Op)
@@ -523,6 +537,21 @@ def binary_conv_fused(xpad, koff, pb: PackedBinaryConv, C, stride, padding, dila
     _bin_conv_tiled(xpad, koff, pb.wb, pb.wpop, C, pb.kh, pb.kw, sh, sw, ph, pw, dh, dw, H, W,
                     Ho, Wo, pb.O, mode, scale, fbias, oi, of, of3, ob, bool(and01),
                     pb.wtot)  # fmt: skip
+
+
+def binary_amx_weights(pb: PackedBinaryConv, C: int, and01: bool) -> np.ndarray:
+    """The packed weights of ``pb`` as int8 values for the AMX binary conv: -1/+1 (or the
+    {0, 1} bits with ``and01``), channel k = (tap, word, bit), zero for input channels >= C
+    and output channels >= O, in the tile layout of :func:`amx_weights`."""
+    OB, KW, _ = pb.wb.shape
+    words = np.ascontiguousarray(pb.wb.transpose(0, 2, 1).reshape(OB * 8, KW))
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little").astype(np.int8)
+    w = bits if and01 else 2 * bits - 1
+    CW = KW // (pb.kh * pb.kw)
+    w = w.reshape(OB * 8, pb.kh * pb.kw, CW * 64)
+    w[:, :, C:] = 0
+    w[pb.O :] = 0
+    return amx_weights(w.reshape(OB * 8, -1))
 
 
 def pad_binary_input(xp: np.ndarray, kh, kw, stride, padding, dilation):
