@@ -19,6 +19,7 @@ Design notes
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -152,6 +153,13 @@ class TrainHook:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _destroy_process_group() -> None:
+    """At exit, while the interpreter still runs: a process group left to the interpreter's
+    teardown can abort the process (gloo, "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -380,7 +388,6 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_accuracy: float | None = None
         self.optimizer = make_optimizer(self.model, self.config)
-        self._ddp: nn.Module | None = None
 
     # -- setup
 
@@ -405,6 +412,7 @@ class Trainer:
         if not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend)
+            atexit.register(_destroy_process_group)  # the group lowbit made, lowbit ends
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -508,8 +516,9 @@ class Trainer:
         images, labels = _as_tensors(train_data)
         if len(images) < 2:
             raise ValueError("need at least 2 training samples")
+        # the DDP wrapper lives only as long as fit(): it holds the process group, which must
+        # not outlive the interpreter's shutdown (gloo's threads then abort the process)
         net = self._setup_distributed()
-        self._ddp = net
         batches0 = self._batches(len(images), 0)
         self.steps_per_epoch = len(batches0)
         if self.out_dir is not None and self.is_main:

@@ -23,6 +23,13 @@ REQUIRED = os.environ.get("LOWBIT_REQUIRE_CEXT", "") not in ("", "0")
 REQUIRED_AMX = os.environ.get("LOWBIT_REQUIRE_AMX", "") not in ("", "0")
 
 
+@pytest.fixture(autouse=True)
+def _amx_binary_conv(monkeypatch):
+    """The AMX binary convolution is opt-in in the engine (LOWBIT_AMX_BCONV=1); these tests
+    run it wherever AMX runs, next to the AVX-512 kernel under ``no_amx()``."""
+    monkeypatch.setattr(K, "_AMX_BCONV", True)
+
+
 def test_extension_available_where_required():
     if REQUIRED:
         assert _cext.available(), f"C kernels required but not available: {_cext.why_not()}"

@@ -266,8 +266,7 @@ if dist.get_rank() == 0:
                "max_diff": max((g - gathered[0]).abs().max().item() for g in gathered),
                "steps": trainer.global_step, "acc": res.metrics["test_accuracy"]},
               open(out + "/ddp.json", "w"))
-dist.barrier()  # leave together: a rank tearing gloo down early can abort the other
-dist.destroy_process_group()
+dist.barrier()  # leave together; lowbit's Trainer destroys the process group it made at exit
 """
 
 
@@ -278,7 +277,15 @@ def test_ddp_two_processes_train_the_same_model(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
            "--nproc-per-node", "2", str(script), str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    for _ in range(2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        # once in CI (1 in 40+ runs here), after both ranks had finished, gloo aborted one at
+        # process teardown ("terminate called without an active exception"): a second launch
+        # for that case only; any failure before the results were written fails at once
+        if proc.returncode == 0 or "terminate called" not in proc.stderr:
+            break
+        if not (out / "ddp.json").exists():
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "ddp.json").read_text())
     assert res["world"] == 2

@@ -4,11 +4,12 @@
 compiler exists), this CPU runs AVX-512 (F/BW/DQ/VL/VPOPCNTDQ/VNNI), and the environment
 variable ``LOWBIT_NO_CEXT`` is unset or 0. Otherwise every kernel runs in numba (the
 portable path; both give bit-identical results). Where the CPU also has AMX-INT8 (Intel
-Sapphire Rapids and later) the int8 GEMM and the binary convolution run on the tile unit
-(:func:`amx`; ``LOWBIT_NO_AMX=1`` turns that off), again with the same results: the binary
-conv then unpacks the packed signs to +-1 bytes and multiplies them by the +-1 (or {0, 1})
-weights with ``tdpbssd``, which beats XOR + popcount on AVX-512 there (16,384 MACs per
-instruction against 512). Multi-threading: the C functions take a row range and
+Sapphire Rapids and later) the int8 GEMM runs on the tile unit (:func:`amx`;
+``LOWBIT_NO_AMX=1`` turns that off), again with the same results. The AMX binary conv
+(``LOWBIT_AMX_BCONV=1``, opt-in) unpacks the packed signs to +-1 bytes and multiplies them by
+the +-1 (or {0, 1}) weights with ``tdpbssd`` (16,384 MACs per instruction against 512 for
+XOR + popcount); measured faster only for layers of at most 128 channels, hence opt-in.
+Multi-threading: the C functions take a row range and
 release the GIL; :func:`parallel_rows` splits the rows over a thread pool, using the thread
 count of :func:`lowbit.runtime.kernels.set_threads`.
 """

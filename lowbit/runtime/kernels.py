@@ -502,7 +502,7 @@ def binary_conv_fused(xpad, koff, pb: PackedBinaryConv, C, stride, padding, dila
     dh, dw = dilation
     N, Hp, Wp, CW = xpad.shape
     OB = pb.wb.shape[0]
-    if _cext.amx():  # int8 +-1 dot products on the tile unit (see _lbk.c, lb_bconv_amx)
+    if _cext.amx() and _AMX_BCONV:  # +-1 int8 dot products on the tile unit (lb_bconv_amx)
         Op = OB * 8
         sc, fb = _padded(scale, Op), _padded(fbias, Op)
         wa = pb.cache.get(("amx", C, bool(and01)))
@@ -537,6 +537,13 @@ def binary_conv_fused(xpad, koff, pb: PackedBinaryConv, C, stride, padding, dila
     _bin_conv_tiled(xpad, koff, pb.wb, pb.wpop, C, pb.kh, pb.kw, sh, sw, ph, pw, dh, dw, H, W,
                     Ho, Wo, pb.O, mode, scale, fbias, oi, of, of3, ob, bool(and01),
                     pb.wtot)  # fmt: skip
+
+
+# The AMX binary convolution is opt-in: on the one AMX machine measured (Intel Sapphire
+# Rapids) it beat XOR + popcount only for layers of at most 128 channels (128 -> 128 at
+# 32 x 32: 1.34x; 256 -> 256 at 16 x 16: 0.53x), and its last change (two 16-pixel blocks
+# per pass) was tested only directly against the AVX-512 kernel (tests/test_cext.py).
+_AMX_BCONV = os.environ.get("LOWBIT_AMX_BCONV", "") not in ("", "0")
 
 
 def binary_amx_weights(pb: PackedBinaryConv, C: int, and01: bool) -> np.ndarray:
