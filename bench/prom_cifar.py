@@ -38,6 +38,13 @@ def main() -> None:
     ap.add_argument("--qat-epochs", type=int, default=2)
     ap.add_argument("--qat-lr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        help="QAT distillation weight from the FP start model (0: off)",
+    )
+    ap.add_argument("--distill-temperature", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit-train", type=int, help="train on the first N images (shuffled)")
     ap.add_argument("--runs-dir", default=str(HERE / "runs" / "prom-cifar"))
@@ -68,9 +75,12 @@ def main() -> None:
     qat_cfg = TrainConfig(epochs=args.qat_epochs, batch_size=128, optimizer="sgd",
                           lr=args.qat_lr, weight_decay=4e-5, seed=args.seed,
                           progress=progress)  # fmt: skip
-    prom_dir = root / f"prom-fp{args.fp_epochs}-qat{args.qat_epochs}-lr{args.qat_lr:g}{sfx}"
+    kd = f"-kd{args.distill:g}t{args.distill_temperature:g}" if args.distill else ""
+    prom_dir = root / f"prom-fp{args.fp_epochs}-qat{args.qat_epochs}-lr{args.qat_lr:g}{kd}{sfx}"
     res = compress_model("prom", "mobilenetv2", "cifar10", prom_dir, qat_cfg,
-                         from_checkpoint=fp_ckpt, limit_train=lim, resume=True)  # fmt: skip
+                         from_checkpoint=fp_ckpt, limit_train=lim, resume=True,
+                         distill=args.distill,
+                         distill_temperature=args.distill_temperature)  # fmt: skip
     total = args.fp_epochs + args.qat_epochs
     baselines = json.loads((HERE / "results" / "baselines.json").read_text())
     base = baselines.get("mobilenetv2-w0.5-cifar10", {})
@@ -83,7 +93,12 @@ def main() -> None:
         f"--width {args.width} --fp-epochs {args.fp_epochs} --qat-epochs {args.qat_epochs} "
         f"--qat-lr {args.qat_lr:g}"
         + (f" --limit-train {lim}" if lim else "")
-        + (f" --seed {args.seed}" if args.seed else ""),
+        + (f" --seed {args.seed}" if args.seed else "")
+        + (
+            f" --distill {args.distill:g} --distill-temperature {args.distill_temperature:g}"
+            if args.distill
+            else ""
+        ),
         "model": f"mobilenetv2, width={args.width}",
         "data": f"cifar10 ({lim or 50000:,} train / 10,000 test)",
         "limit_train": lim,
@@ -92,6 +107,8 @@ def main() -> None:
         "fp_epochs": args.fp_epochs,
         "qat_epochs": args.qat_epochs,
         "qat_lr": args.qat_lr,
+        "distill": args.distill,
+        "distill_temperature": args.distill_temperature if args.distill else None,
         "fp_start_test_accuracy": res["fp_test_accuracy"],
         "prom_test_accuracy": res["test_accuracy"],
         "prom_qat_seconds": res["seconds"],
@@ -123,7 +140,8 @@ def main() -> None:
         "| model | epochs | test acc |",
         "|---|---|---|",
         f"| FP (start of QAT) | {args.fp_epochs} | {100 * out['fp_start_test_accuracy']:.2f}% |",
-        f"| PROM QAT (ternary 1x1, int8 rest) | {args.fp_epochs} FP + {args.qat_epochs} QAT | "
+        f"| PROM QAT (ternary 1x1, int8 rest{_kd_text(out)}) | {args.fp_epochs} FP + "
+        f"{args.qat_epochs} QAT | "
         f"{100 * out['prom_test_accuracy']:.2f}% |",
     ]
     if gap is not None:
@@ -146,23 +164,36 @@ def main() -> None:
     )
     if len(tried) > 1:
         lines += ["", "Every setting tried (each its own command):", "",
-                  "| FP + QAT epochs | QAT lr | seed | FP same budget | PROM | gap |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+                  "| FP + QAT epochs | QAT lr | distillation | seed | FP same budget | PROM "
+                  "| gap |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for t in tried:
             ref_acc = t["same_budget_fp_test_accuracy"]
             gap_t = "-" if ref_acc is None else f"{100 * (ref_acc - t['prom']):.2f} pts"
             lines.append(f"| {t['fp_epochs']} + {t['qat_epochs']} | {t['qat_lr']} | "
+                         f"{_kd_text(t).lstrip(', ') or '-'} | "
                          f"{t['seed']} | {'-' if ref_acc is None else f'{100 * ref_acc:.2f}%'} | "
                          f"{100 * t['prom']:.2f}% | {gap_t} |")  # fmt: skip
     (HERE / "results" / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
+def _kd_text(r: dict) -> str:
+    """The distillation setting of a run as table text (empty without distillation)."""
+    if not r.get("distill"):
+        return ""
+    return f", distillation {r['distill']:g}, T={r['distill_temperature']:g}"
+
+
 def _tried(r: dict) -> dict:
     lr = r.get("qat_lr", 0.01)  # runs before the option was recorded used the default
+    kd = r.get("distill") or 0.0
     key = f"{r['fp_epochs']}+{r['qat_epochs']}-lr{lr:g}-s{r.get('seed', 0)}"
+    if kd:
+        key += f"-kd{kd:g}t{r['distill_temperature']:g}"
     return {"key": key, "fp_epochs": r["fp_epochs"], "qat_epochs": r["qat_epochs"],
-            "qat_lr": lr, "seed": r.get("seed", 0), "prom": r["prom_test_accuracy"],
+            "qat_lr": lr, "distill": kd, "distill_temperature": r.get("distill_temperature"),
+            "seed": r.get("seed", 0), "prom": r["prom_test_accuracy"],
             "same_budget_fp_test_accuracy": r.get("same_budget_fp_test_accuracy")}  # fmt: skip
 
 

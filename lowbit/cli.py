@@ -355,6 +355,8 @@ def _compress_job(
         "method_options": options,
         "convention": args.convention,
         "resume": getattr(args, "resume", False),
+        "distill": args.distill or 0.0,
+        "distill_temperature": args.distill_temperature,
     }
 
 
@@ -514,6 +516,11 @@ def _run_compare_jobs(args: argparse.Namespace, valid: Sequence[str]) -> list[st
     methods = [m for m in dict.fromkeys(methods) if m not in ("fp", "fp32")]
     if "auto" not in methods and any(getattr(args, f) is not None for f in _BUDGET_FLAGS):
         raise ValueError("--max-* budgets, --candidates, --workers and --ray go with auto in --run")
+    from .workflow import METHOD_WORKFLOWS
+
+    own_loop = [m for m in methods if m in METHOD_WORKFLOWS]
+    if args.distill and own_loop:
+        raise ValueError(f"--distill applies to sbnn, prom and sst, not {', '.join(own_loop)}")
     out = Path(args.out)
     start = getattr(args, "from")
     if start is None and methods:  # every method starts from the same FP model
@@ -604,6 +611,15 @@ def _add_compress_flags(p: argparse.ArgumentParser, for_compare: bool) -> None:
     p.add_argument(
         "--prior", choices=("gnj", "ghs"), help="bayes: group normal-Jeffreys or horseshoe (gnj)"
     )
+    p.add_argument(
+        "--distill",
+        type=float,
+        metavar="WEIGHT",
+        help="QAT methods (sbnn, prom, sst): mix distillation from the FP start model into "
+        "the loss with this weight in (0, 1] (default: off)",
+    )
+    p.add_argument("--distill-temperature", type=float, default=4.0, metavar="T",
+                   help="softmax temperature of --distill (default 4)")  # fmt: skip
     g = p.add_argument_group(
         "budget (--method auto)" if not for_compare else "budget (auto in --run)"
     )

@@ -152,6 +152,34 @@ class TrainHook:
         pass
 
 
+class Distill(TrainHook):
+    """Knowledge distillation from a frozen teacher (Hinton, Vinyals, Dean, arXiv 1503.02531):
+    the loss becomes ``(1 - weight) * task + weight * T^2 * KL(p_teacher^T || p_student^T)``,
+    ``p^T`` the softmax of the logits over ``T`` (the temperature). The teacher (usually the
+    FP model the QAT run starts from) runs in eval mode under no_grad on the same (augmented)
+    batch. Put it first in the hook list: it scales the task loss, the method's own terms
+    (entropy, KL priors) are then added unscaled."""
+
+    def __init__(self, teacher: nn.Module, weight: float = 0.5, temperature: float = 4.0):
+        if not 0 < weight <= 1:
+            raise ValueError(f"distillation weight must be in (0, 1], got {weight}")
+        if not temperature > 0:
+            raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.weight, self.temperature = float(weight), float(temperature)
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.teacher.to(trainer.device).eval()
+
+    def loss(self, trainer, loss, outputs, targets):
+        t = self.temperature
+        with torch.no_grad():
+            target = F.log_softmax(self.teacher(trainer.batch_inputs).float() / t, dim=1)
+        kd = F.kl_div(F.log_softmax(outputs.float() / t, dim=1), target, reduction="batchmean",
+                      log_target=True)  # fmt: skip
+        return (1 - self.weight) * loss + self.weight * t * t * kd
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -378,6 +406,7 @@ class Trainer:
         self.train_transform = train_transform
         self.test_transform = test_transform
         self.rank, self.local_rank, self.world = _dist_info()
+        self.batch_inputs: torch.Tensor | None = None  # the current step's model input
         self._log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.device = self._pick_device()
         self.model = model.to(self.device)
@@ -487,20 +516,17 @@ class Trainer:
 
     def _step_loss(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int):
         cfg = self.config
+        ls = cfg.label_smoothing
         if cfg.mixup_alpha > 0:
             g = torch.Generator().manual_seed(seed ^ 0x5F5F)
             lam = float(np.random.default_rng(seed).beta(cfg.mixup_alpha, cfg.mixup_alpha))
             perm = torch.randperm(len(x), generator=g).to(x.device)
             x = lam * x + (1 - lam) * x[perm]
-            out = net(x)
-            ce = F.cross_entropy
-            ls = cfg.label_smoothing
-            loss = lam * ce(out, y, label_smoothing=ls) + (1 - lam) * ce(
-                out, y[perm], label_smoothing=ls
-            )
-        else:
-            out = net(x)
-            loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+        self.batch_inputs = x  # what the model saw this step (hooks may run a teacher on it)
+        out = net(x)
+        loss = F.cross_entropy(out, y, label_smoothing=ls)
+        if cfg.mixup_alpha > 0:
+            loss = lam * loss + (1 - lam) * F.cross_entropy(out, y[perm], label_smoothing=ls)
         return out, loss
 
     def fit(self, train_data, test_data=None, resume: dict | str | os.PathLike | None = None):

@@ -6,6 +6,7 @@ do, returning dictionaries instead of printing.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -18,7 +19,14 @@ from typing import Any
 import torch
 
 from . import __version__
-from .train import TrainConfig, Trainer, build_from_checkpoint, evaluate, load_checkpoint
+from .train import (
+    Distill,
+    TrainConfig,
+    Trainer,
+    build_from_checkpoint,
+    evaluate,
+    load_checkpoint,
+)
 from .utils import resolve_device, write_json
 
 
@@ -276,8 +284,13 @@ def compress_model(
     convention: str = "operand-width",
     resume: bool = False,
     recipe=None,
+    distill: float = 0.0,
+    distill_temperature: float = 4.0,
 ) -> dict[str, Any]:
     """Compress a model with a method, end to end.
+
+    ``distill`` > 0: the QAT loss mixes in distillation from the FP model it starts from
+    (:class:`lowbit.train.Distill`, that weight and ``distill_temperature``).
 
     ``recipe`` (a Recipe) replaces the method's own (``method`` then only names the run:
     ``lowbit compress --recipe FILE``, and ``--method auto`` after its search).
@@ -291,6 +304,13 @@ def compress_model(
     """
     from .recipes import Recipe, compress_, make_recipe
 
+    if distill and not 0 < distill <= 1:  # before any training
+        raise ValueError(f"distillation weight (--distill) must be in (0, 1], got {distill}")
+    if distill and method in METHOD_WORKFLOWS and recipe is None:
+        raise ValueError(
+            f"--distill applies to the plain QAT methods (sbnn, prom, sst), not {method!r}, "
+            "which trains in its own loop"
+        )
     if method in METHOD_WORKFLOWS and recipe is None:  # e.g. BURN: its own loop
         import importlib
 
@@ -329,12 +349,20 @@ def compress_model(
     train_tf, test_tf = transforms_for(dmeta, augment=config.augment)
     dev = resolve_device(config.device)
     example = torch.zeros(1, *train_set.shape)
+    teacher = None
     if from_ptq:  # already quantized and calibrated: QAT fine-tunes it
         recipe = Recipe.from_dict(ckpt["recipe"])
         fp_acc = {"test_accuracy": ckpt.get("fp_test_accuracy")}
+        if distill:
+            teacher = build_from_checkpoint(ckpt["fp_checkpoint"])[0]
     else:
         fp_acc = evaluate(net.to(dev), test_set, test_tf, config.eval_batch_size, dev)
+        if distill:
+            teacher = copy.deepcopy(net).cpu()
         compress_(net.cpu(), recipe, example)
+    hooks = recipe.hooks(net)
+    if teacher is not None:  # first: it scales the task loss, the method's terms add to it
+        hooks = [Distill(teacher, distill, distill_temperature), *hooks]
     meta = {
         "model": ckpt["model"],
         "data": dmeta,
@@ -343,9 +371,11 @@ def compress_model(
         "fp_checkpoint": str(ckpt.get("fp_checkpoint", from_checkpoint)),
         "fp_test_accuracy": fp_acc["test_accuracy"],
     }
+    if teacher is not None:
+        meta["distill"] = {"weight": distill, "temperature": distill_temperature}
     qat_dir = out / "qat"
     trainer = Trainer(
-        net, config, hooks=recipe.hooks(net), out_dir=qat_dir, meta=meta,
+        net, config, hooks=hooks, out_dir=qat_dir, meta=meta,
         train_transform=train_tf, test_transform=test_tf,
     )  # fmt: skip
     resume_from = qat_dir / "last.pt" if resume and (qat_dir / "last.pt").exists() else None
@@ -363,6 +393,7 @@ def compress_model(
                 "qat": asdict(config),
                 "fp": asdict(fp_config) if fp_config else None,
                 "convention": convention,
+                "distill": meta.get("distill"),
                 "environment": environment(),
             },
         )  # fmt: skip

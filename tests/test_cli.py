@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lowbit.cli import main
+from lowbit.train import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,3 +214,30 @@ def test_compress_unknown_method(tmp_path, capsys):
     code, out, err = run(capsys, "compress", "--method", "magic", "--model", "lenet5",
                          "--data", "sample", "--out", str(tmp_path), "--json")  # fmt: skip
     assert code == 2 and "invalid choice" in json.loads(out)["error"]
+
+
+def test_compress_with_distillation_records_it(tmp_path, capsys):
+    code, out, err = run(
+        capsys, "compress", "--method", "prom", "--model", "mobilenetv2", "--model-arg",
+        "width=0.25", "--data", "sample", "--epochs", "1", "--limit-train", "64",
+        "--limit-test", "32", "--batch-size", "32", "--out", str(tmp_path / "c"), "--json",
+        "--quiet", "--distill", "0.5", "--distill-temperature", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out)
+    want = {"weight": 0.5, "temperature": 2.0}
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["distill"] == want
+    assert load_checkpoint(res["checkpoint"])["distill"] == want
+    assert res["frozen_agreement"] >= 0.99
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--method", "burn", "--distill", "0.5"], "--distill applies"),
+    (["--method", "prom", "--distill", "1.5"], "distillation weight"),
+])  # fmt: skip
+def test_compress_distill_errors(tmp_path, capsys, argv, msg):
+    code, out, err = run(capsys, "compress", "--model", "lenet5", "--data", "sample", "--epochs",
+                         "1", "--limit-train", "32", "--out", str(tmp_path / "c"), "--json",
+                         "--quiet", *argv)  # fmt: skip
+    assert code == 1 and "Traceback" not in err
+    assert msg in json.loads(out)["error"]

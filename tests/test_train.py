@@ -14,6 +14,7 @@ from torch import nn
 
 from lowbit.errors import CheckpointError, TrainingError
 from lowbit.train import (
+    Distill,
     TrainConfig,
     Trainer,
     TrainHook,
@@ -238,6 +239,66 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(tmp_path):
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     assert json.loads(resumed.stdout)["test_accuracy"] == json.loads(full.stdout)["test_accuracy"]
+
+
+class _Seen:  # a stand-in trainer: the hook reads only batch_inputs
+    def __init__(self, x):
+        self.batch_inputs = x
+
+
+def test_distill_loss_against_an_independent_kl():
+    torch.manual_seed(0)
+    teacher, x = _toy_model(), torch.randn(8, 1, 8, 8)
+    student_out = torch.randn(8, 2, requires_grad=True)
+    task = torch.tensor(0.7)
+    hook = Distill(teacher, weight=0.25, temperature=3.0)
+    got = hook.loss(_Seen(x), task, student_out, None)
+    with torch.no_grad():
+        pt = torch.softmax(teacher(x) / 3.0, 1)
+    ps = torch.softmax(student_out / 3.0, 1)
+    kl = (pt * (pt.log() - ps.log())).sum(1).mean()  # KL(teacher || student), per sample
+    torch.testing.assert_close(got, 0.75 * task + 0.25 * 9.0 * kl)
+    got.backward()
+    assert student_out.grad is not None and student_out.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher stays frozen
+    # a student that equals its teacher: only the scaled task loss remains
+    same = hook.loss(_Seen(x), task, teacher(x).detach(), None)
+    torch.testing.assert_close(same, 0.75 * task)
+
+
+@pytest.mark.parametrize("kw", [{"weight": 0.0}, {"weight": 1.5}, {"temperature": 0.0}])
+def test_distill_rejects_bad_settings(kw):
+    with pytest.raises(ValueError, match="distillation"):
+        Distill(_toy_model(), **kw)
+
+
+def test_trainer_with_distill_alone_learns_from_the_teacher():
+    """weight 1: no label reaches the loss, the student learns the task from the teacher; the
+    hook sees the batch the model saw (transformed, mixed)."""
+    images, labels = _toy_data(256)
+    scale = lambda x, generator=None: x.float() / 255  # noqa: E731
+    kw = {"train_transform": scale, "test_transform": scale, "log": lambda s: None}
+    torch.manual_seed(0)
+    teacher = _toy_model()
+    cfg = TrainConfig(epochs=15, batch_size=32, lr=0.05, progress=False, weight_decay=0)
+    assert Trainer(teacher, cfg, **kw).fit((images, labels), (images, labels)).metrics[
+        "test_accuracy"] > 0.9  # fmt: skip
+    seen = []
+
+    class Spy(TrainHook):
+        def loss(self, trainer, loss, outputs, targets):
+            seen.append(trainer.batch_inputs)
+            return loss
+
+    torch.manual_seed(1)
+    student = _toy_model()
+    cfg = TrainConfig(epochs=15, batch_size=32, lr=0.05, progress=False, weight_decay=0,
+                      mixup_alpha=0.2)  # fmt: skip
+    res = Trainer(student, cfg, hooks=[Distill(teacher, 1.0), Spy()], **kw).fit(
+        (images, labels), (images, labels)
+    )
+    assert res.metrics["test_accuracy"] > 0.9
+    assert seen[0].shape == (32, 1, 8, 8) and seen[0].max() <= 1.0
 
 
 DDP_SCRIPT = """
