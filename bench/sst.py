@@ -7,6 +7,10 @@ Parts (``--part``, default all; results merge into bench/results/sst.json and ss
   the frozen model stores (codes at their packing, scales, biases, requantization
   constants) for the SST layers alone and for the whole model, checked against the
   packed file's payload.
+- ``speed``: whole SST(8, 2) ``vgg_small`` on the int8 GEMM vs the look-up-table kernel.
+- ``linear``: one 1024 x 1024 linear layer, SST(8, 2) on the look-up-table kernel against
+  the same layer ternary (the kernel a ternary layer runs) and SST on the int8 GEMM, batch
+  1 and 32 (the target of the runtime issue: at batch 1 the look-up path should win).
 - ``mnist``: ``lenet300`` on MNIST. Budget E = FP1 + QAT epochs: FP for FP1 epochs, then
   SST QAT from it; the same-budget reference is FP for all E epochs.
 - ``cifar``: ``vgg_small`` width 0.25 on CIFAR-10, the same scheme.
@@ -134,6 +138,62 @@ def speed(args) -> dict:
             "batch": 1, "threads": 1, "repeats": args.repeats, "rows": rows}  # fmt: skip
 
 
+def linear(args) -> dict:
+    """One linear 1024 -> 1024 layer with int8 input: SST(8, 2) on the look-up-table kernel,
+    the same layer with ternary weights (absmean, per channel) on its kernel, and SST(8, 2) on
+    the int8 GEMM; one thread, medians of ``repeats`` interleaved rounds of 20 calls."""
+    import numpy as np
+
+    from lowbit.codecs import Int8Act, Ternary
+    from lowbit.methods.sst import SST
+    from lowbit.recipes import Recipe, Rule
+    from lowbit.runtime import engine
+
+    def frozen_linear(codec):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 1024))
+        recipe = Recipe("bench", [Rule(select="linear", weights=codec, activations=Int8Act())])
+        net = lowbit.compress_(net, recipe, torch.zeros(1, 1024, 1, 1)).train()
+        with torch.no_grad():
+            net(torch.randn(64, 1024, 1, 1))  # sets the input range
+        return freeze(net.eval(), torch.zeros(1, 1024, 1, 1))
+
+    def per_call_ms(e, x, calls=20):
+        e(x)
+        t = time.perf_counter()
+        for _ in range(calls):
+            e(x)
+        return 1e3 * (time.perf_counter() - t) / calls
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        save(frozen_linear(SST(n=8, k=2)), Path(d) / "sst.lowbit")
+        save(frozen_linear(Ternary()), Path(d) / "ternary.lowbit")
+        engines = {
+            "sst_lut": engine.load(Path(d) / "sst.lowbit", threads=1, sst_kernel="lut"),
+            "sst_gemm": engine.load(Path(d) / "sst.lowbit", threads=1),
+            "ternary": engine.load(Path(d) / "ternary.lowbit", threads=1),
+        }
+    for batch in (1, 32):
+        x = np.random.default_rng(0).standard_normal((batch, 1024, 1, 1)).astype(np.float32)
+        assert np.array_equal(engines["sst_lut"](x), engines["sst_gemm"](x))
+        kernels = {
+            k: [r["kernel"] for r in e.profile(x) if r.get("kernel")] for k, e in engines.items()
+        }
+        times: dict[str, list[float]] = {k: [] for k in engines}
+        for _ in range(args.repeats):
+            for k, e in engines.items():
+                times[k].append(per_call_ms(e, x))
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        rows.append({"batch": batch, **{f"{k}_ms": v for k, v in med.items()},
+                     "kernels": kernels,
+                     "lut_vs_ternary": med["ternary"] / med["sst_lut"],
+                     "lut_vs_sst_gemm": med["sst_gemm"] / med["sst_lut"]})  # fmt: skip
+    return {"command": f"python bench/sst.py --part linear --repeats {args.repeats}",
+            "threads": 1, "repeats": args.repeats, "rows": rows,
+            "load_1min": os.getloadavg()[0]}  # fmt: skip
+
+
 def _fp_run(model, data, out: Path, cfg: TrainConfig, kwargs) -> dict:
     last = out / "last.pt"
     if last.exists():
@@ -251,6 +311,28 @@ def markdown(res: dict) -> str:
             "multiply-adds, so the GEMM path is the default for SST layers.",
             "",
         ]
+    lin = res.get("linear")
+    if lin:
+        out += [
+            "## Runtime: one linear 1024 x 1024, SST(8, 2) look-up tables vs ternary",
+            "",
+            f"Command: `{lin['command']}`; {lin['threads']} thread, medians of "
+            f"{lin['repeats']} interleaved rounds (20 calls each); int8 input, whole engine "
+            f"call (input quantization included); 1-minute load average {lin['load_1min']:.2f}.",
+            "",
+            "| batch | SST look-up ms | ternary ms | SST on int8 GEMM ms | look-up vs ternary "
+            "| look-up vs SST GEMM |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in lin["rows"]:
+            out.append(
+                f"| {r['batch']} | {r['sst_lut_ms']:.4f} | {r['ternary_ms']:.4f} | "
+                f"{r['sst_gemm_ms']:.4f} | {r['lut_vs_ternary']:.2f}x | "
+                f"{r['lut_vs_sst_gemm']:.2f}x |"
+            )
+        k = lin["rows"][0]["kernels"]
+        out += ["", f"Kernels: SST look-up `{k['sst_lut']}`, ternary `{k['ternary']}`, SST GEMM "
+                f"`{k['sst_gemm']}`. Ratio > 1: the look-up path is faster.", ""]  # fmt: skip
     for task, title in (("mnist", "MNIST"), ("cifar", "CIFAR-10")):
         a = res.get(task)
         if not a:
@@ -330,7 +412,7 @@ def _remember(res: dict, task: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["compression", "speed", "mnist", "cifar", "all"],
+    ap.add_argument("--part", choices=["compression", "speed", "linear", "mnist", "cifar", "all"],
                     default="all")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--presets", nargs="+", default=["8,2", "4,1", "8,1"], help="N,K pairs")
@@ -351,6 +433,8 @@ def main() -> None:
         new["compression"] = compression(presets)
     if args.part in ("speed", "all"):
         new["speed"] = speed(args)
+    if args.part in ("linear", "all"):
+        new["linear"] = linear(args)
     for task in ("mnist", "cifar"):
         if args.part in (task, "all"):
             if not os.environ.get("LOWBIT_DATA"):

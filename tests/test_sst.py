@@ -3,6 +3,7 @@ gradual pruning, BatchNorm insertion, freeze -> file -> runtime."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -29,9 +30,11 @@ from lowbit.methods.sst import (
 )
 from lowbit.packfile import load_frozen, save
 from lowbit.recipes import Recipe, compress_
-from lowbit.runtime import engine
+from lowbit.runtime import _cext, engine
 from lowbit.runtime import kernels as K
 from lowbit.train import TrainConfig, Trainer, build_from_checkpoint
+
+needs_c = pytest.mark.skipif(not _cext.available(), reason=f"C kernels: {_cext.why_not()}")
 
 # ----------------------------------------------------------------------------- codebook
 
@@ -299,15 +302,61 @@ def test_conv_lut_kernel_matches_reference(tmp_path):
     assert np.allclose(y, frozen(x).numpy(), atol=1e-4)
 
 
-def test_lut_matmul_equals_integer_matmul():
+@pytest.mark.parametrize("use_c", [True, False], ids=["c", "numba"])
+def test_lut_matmul_equals_integer_matmul(use_c):
+    """Both look-up paths (C: register tables of the group's values; numba: pattern sums over
+    16 rows) against the integer matmul: odd sizes, both input types, a codebook of 4,091
+    patterns (C) and a group above 15 weights (numba even where C runs)."""
+    if use_c and not _cext.available():
+        pytest.skip(f"C kernels not available: {_cext.why_not()}")
     rng = np.random.default_rng(3)
-    for n, k, dt in [(8, 2, np.uint8), (4, 1, np.int8), (8, 1, np.uint8), (3, 3, np.int8)]:
-        w = torch.from_numpy(rng.standard_normal((19, 37)).astype(np.float32))
+    cases = [
+        (8, 2, np.uint8, 21, 19, 37),
+        (4, 1, np.int8, 1, 70, 45),
+        (8, 1, np.uint8, 2, 129, 64),
+        (3, 3, np.int8, 5, 33, 10),
+        (8, 2, np.int8, 1, 300, 1024),
+        (16, 2, np.uint8, 3, 40, 50),
+        (15, 3, np.int8, 2, 17, 31),
+    ]
+    for n, k, dt, p, o, f in cases:
+        w = torch.from_numpy(rng.standard_normal((o, f)).astype(np.float32))
         t = sst_project(w, n, k)[0].numpy().astype(np.int8)
-        lo, hi = (0, 256) if dt == np.uint8 else (-127, 128)
-        x = rng.integers(lo, hi, (21, 37)).astype(dt)
-        out = K.sst_lut_matmul(x, K.prepare_sst(t, n, k))
-        assert np.array_equal(out, x.astype(np.int64) @ t.T.astype(np.int64))
+        lo, hi = (0, 256) if dt == np.uint8 else (-128, 128)
+        x = rng.integers(lo, hi, (p, f)).astype(dt)
+        x[0, :] = hi - 1 if dt == np.uint8 else lo  # the extreme input: int16 sums must hold
+        packed = K.prepare_sst(t, n, k)
+        assert (packed.c_taps is not None) == (n <= 15)
+        with contextlib.nullcontext() if use_c else _cext.disabled():
+            out = K.sst_lut_matmul(x, packed)
+        assert np.array_equal(out, x.astype(np.int64) @ t.T.astype(np.int64)), (n, k, p, o, f)
+
+
+@needs_c
+def test_sst_taps_c_checks_its_arguments():
+    t = np.zeros((40, 16), np.int8)
+    t[:, 0] = 1
+    pk = K.prepare_sst(t, 8, 2)
+    G, k, Op = pk.c_taps.shape
+    x, out = np.zeros((2, 16), np.int8), np.zeros((2, 40), np.int32)
+    f = _cext.lib().sst_taps
+    i0, f0 = np.zeros(1, np.int64), np.zeros(1, np.float32)
+    # x, signed, P, F, colmap, G, n, taps, Op, O, k, mode, pre_shift, bias, m, n, half, lo, hi,
+    # isz, scale, fbias, out, r0, r1 (mode 4: the int32 sums)
+    args = [x, True, 2, 16, pk.colmap, G, 8, pk.c_taps, Op, 40, k, 4, 0, i0, i0, i0, i0, 0, 0, 4,
+            f0, f0, out, 0, 2]  # fmt: skip
+    f(*args)
+    assert out[:, 0].tolist() == [0, 0]
+    # Op, n, O, r1, F, mode (2, NCHW, is GEMM only), isz
+    for i, bad in ((8, 96), (6, 16), (9, 41), (24, 3), (3, 8), (11, 2), (19, 3)):
+        with pytest.raises(ValueError, match="_lbk"):
+            f(*(args[:i] + [bad] + args[i + 1 :]))
+    with pytest.raises(ValueError, match="taps has"):
+        f(*(args[:7] + [pk.c_taps[:1]] + args[8:]))
+    with pytest.raises(ValueError, match="out has"):
+        f(*(args[:22] + [out[:1]] + args[23:]))
+    with pytest.raises(ValueError, match="scale has"):  # mode 1 reads the float epilogue
+        f(*(args[:11] + [1] + args[12:]))
 
 
 def test_damaged_sst_packing_is_a_format_error(trained, tmp_path):

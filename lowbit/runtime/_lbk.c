@@ -1048,10 +1048,141 @@ LB_AVX512 static int lb_sign_nchw(const float *x, int64_t C, int64_t HW, uint64_
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------
+ * SST, one input row at a time (small batches), multiplication-free: for each group g of
+ * n <= 15 inputs a 32-entry int16 table in one register holds the group's values (lanes
+ * 0..n-1, lane 15 zero) and their negatives (lanes 16..31); each of an output channel's k
+ * taps is one 5-bit code into it (position, +16 when negative; an unused tap points at a
+ * zero lane), and 32 channels look their taps up at once with vpermw. Sums run in int16
+ * for at most 128 taps (|sum| <= 128 * 255 < 2^15) and are then widened into int32.
+ * taps is uint8 [G][k][Op] (Op = O rounded up to 64; built from the codebook indices at
+ * load time), channels i and 32 + i of each block of 64 in bytes 2i and 2i + 1: one 64-byte
+ * load read as 32 words serves both, the low bytes directly and the high ones after a
+ * 16-bit shift (vpermw reads only the low 5 bits of each word, so no code reads outside
+ * the table, and this costs one shift where zero-extending bytes cost a second load and
+ * a cross-lane widening). The tables are gathered from a copy of the row (colmap -> a zero past its end
+ * for unused lanes), and each row's int32 sums go through gemm_epilogue (modes 0, 1, 3,
+ * 4 of the GEMM: requantized, float, sign bits, int32).
+ * ------------------------------------------------------------------------------------ */
+#define LB_SST_PAIR(lo16, hi16, i)                                                            \
+    do {                                                                                      \
+        const __m512i c_ = _mm512_loadu_si512((const void *)(tp + 64 * (i)));                 \
+        lo16 = _mm512_add_epi16(lo16, _mm512_permutexvar_epi16(c_, tb));                      \
+        hi16 = _mm512_add_epi16(hi16, _mm512_permutexvar_epi16(_mm512_srli_epi16(c_, 8), tb)); \
+    } while (0)
+#define LB_SST_WIDEN(a16, lo32, hi32)                                                         \
+    do {                                                                                      \
+        lo32 = _mm512_add_epi32(lo32, _mm512_cvtepi16_epi32(_mm512_castsi512_si256(a16)));    \
+        hi32 = _mm512_add_epi32(hi32, _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(a16, 1))); \
+        a16 = _mm512_setzero_si512();                                                         \
+    } while (0)
+
+LB_AVX512 static int lb_sst_taps(const void *x, int is_signed, int64_t F, const int64_t *colmap,
+                                 int64_t G, int64_t n, const uint8_t *taps, int64_t Op,
+                                 int64_t O, int64_t k, int mode, int pre_shift,
+                                 const int64_t *bias, const int64_t *m, const int64_t *nn,
+                                 const int64_t *half, int64_t lo, int64_t hi, int isz,
+                                 const float *scale, const float *fbias, void *out, int64_t r0,
+                                 int64_t r1)
+{
+    int16_t *tab = (int16_t *)aligned_alloc(64, (size_t)G * 64);
+    int32_t *acc = (int32_t *)aligned_alloc(64, (size_t)Op * 4);
+    int32_t *gi = (int32_t *)aligned_alloc(64, (size_t)G * 64);
+    uint8_t *xb = (uint8_t *)calloc((size_t)F + 64, 1); /* the row, then zeros */
+    if (!tab || !acc || !gi || !xb) {
+        free(tab);
+        free(acc);
+        free(gi);
+        free(xb);
+        return -1;
+    }
+    /* the table's 16 lanes gather from the row; unused lanes read the zero at xb[F] */
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t j = 0; j < 16; j++) {
+            const int64_t c = j < n ? colmap[g * n + j] : -1;
+            gi[g * 16 + j] = (int32_t)(c < 0 ? F : c);
+        }
+    const int64_t chunk = 128 / k; /* groups summed in int16 before widening */
+    const __m512i lowbyte = _mm512_set1_epi32(0xFF);
+    const __m256i z256 = _mm256_setzero_si256();
+    for (int64_t r = r0; r < r1; r++) {
+        memcpy(xb, (const uint8_t *)x + r * F, (size_t)F);
+        for (int64_t g = 0; g < G; g++) { /* 4 bytes gathered per lane, the low one kept */
+            __m512i v = _mm512_i32gather_epi32(_mm512_load_si512((const void *)(gi + g * 16)),
+                                               (const void *)xb, 1);
+            v = is_signed ? _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24)
+                          : _mm512_and_si512(v, lowbyte);
+            const __m256i h = _mm512_cvtepi32_epi16(v);
+            _mm512_store_si512((void *)(tab + g * 32),
+                               _mm512_inserti64x4(_mm512_castsi256_si512(h),
+                                                  _mm256_sub_epi16(z256, h), 1));
+        }
+        int64_t o0 = 0;
+        for (; o0 + 128 <= Op; o0 += 128) { /* 128 channels: four int16 accumulators */
+            __m512i z = _mm512_setzero_si512();
+            __m512i s0 = z, s1 = z, s2 = z, s3 = z;
+            __m512i l0 = z, h0 = z, l1 = z, h1 = z, l2 = z, h2 = z, l3 = z, h3 = z;
+            for (int64_t g0 = 0; g0 < G; g0 += chunk) {
+                const int64_t g1 = g0 + chunk < G ? g0 + chunk : G;
+                for (int64_t g = g0; g < g1; g++) {
+                    const __m512i tb = _mm512_load_si512((const void *)(tab + g * 32));
+                    for (int64_t t = 0; t < k; t++) {
+                        const uint8_t *tp = taps + (g * k + t) * Op + o0;
+                        LB_SST_PAIR(s0, s1, 0);
+                        LB_SST_PAIR(s2, s3, 1);
+                    }
+                }
+                LB_SST_WIDEN(s0, l0, h0);
+                LB_SST_WIDEN(s1, l1, h1);
+                LB_SST_WIDEN(s2, l2, h2);
+                LB_SST_WIDEN(s3, l3, h3);
+            }
+            int32_t *ao = acc + o0;
+            _mm512_store_si512((void *)ao, l0);
+            _mm512_store_si512((void *)(ao + 16), h0);
+            _mm512_store_si512((void *)(ao + 32), l1);
+            _mm512_store_si512((void *)(ao + 48), h1);
+            _mm512_store_si512((void *)(ao + 64), l2);
+            _mm512_store_si512((void *)(ao + 80), h2);
+            _mm512_store_si512((void *)(ao + 96), l3);
+            _mm512_store_si512((void *)(ao + 112), h3);
+        }
+        for (; o0 < Op; o0 += 64) { /* the last 64 channels: two int16 accumulators */
+            __m512i s0 = _mm512_setzero_si512(), s1 = s0, l0 = s0, h0 = s0, l1 = s0, h1 = s0;
+            for (int64_t g0 = 0; g0 < G; g0 += chunk) {
+                const int64_t g1 = g0 + chunk < G ? g0 + chunk : G;
+                for (int64_t g = g0; g < g1; g++) {
+                    const __m512i tb = _mm512_load_si512((const void *)(tab + g * 32));
+                    for (int64_t t = 0; t < k; t++) {
+                        const uint8_t *tp = taps + (g * k + t) * Op + o0;
+                        LB_SST_PAIR(s0, s1, 0);
+                    }
+                }
+                LB_SST_WIDEN(s0, l0, h0);
+                LB_SST_WIDEN(s1, l1, h1);
+            }
+            _mm512_store_si512((void *)(acc + o0), l0);
+            _mm512_store_si512((void *)(acc + o0 + 16), h0);
+            _mm512_store_si512((void *)(acc + o0 + 32), l1);
+            _mm512_store_si512((void *)(acc + o0 + 48), h1);
+        }
+        gemm_epilogue(acc, Op, 1, r, Op, O, mode, pre_shift, bias, m, nn, half, lo, hi, isz,
+                      scale, fbias, 1, out, NULL, O);
+    }
+    free(tab);
+    free(acc);
+    free(gi);
+    free(xb);
+    return 0;
+}
+#undef LB_SST_PAIR
+#undef LB_SST_WIDEN
+
 #endif /* LB_X86 */
 
 /* ------------------------------------------------------------------------------------
- * The Python module: cpu_ok(), xnor_conv(...), gemm_u8s8(...), quant_k4(...), sign_pack(...). Arrays arrive as C-contiguous
+ * The Python module: cpu_ok(), xnor_conv(...), gemm_u8s8(...), quant_k4(...), sign_pack(...),
+ * sst_taps(...). Arrays arrive as C-contiguous
  * buffers; every size is checked before the kernel runs (a ValueError, never a wild read).
  * ------------------------------------------------------------------------------------ */
 
@@ -1318,6 +1449,54 @@ static PyObject *py_sign_pack(PyObject *self, PyObject *args)
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
+
+static PyObject *py_sst_taps(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer b[10];
+    int is_signed, mode, pre_shift, isz;
+    long long P, F, G, n, Op, O, k, lo, hi, r0, r1;
+    memset(b, 0, sizeof b);
+    if (!PyArg_ParseTuple(args, "y*pLLy*LLy*LLLiiy*y*y*y*LLiy*y*w*LL", &b[0], &is_signed, &P, &F,
+                          &b[1], &G, &n, &b[2], &Op, &O, &k, &mode, &pre_shift, &b[3], &b[4],
+                          &b[5], &b[6], &lo, &hi, &isz, &b[7], &b[8], &b[9], &r0, &r1))
+        return NULL;
+    const int ok = P >= 0 && F >= 1 && G >= 1 && n >= 1 && n <= 15 && O >= 1 && Op >= O &&
+                   Op % 64 == 0 && k >= 1 && k <= n && 0 <= r0 && r0 <= r1 && r1 <= P &&
+                   F < INT32_MAX && (mode == 0 || mode == 1 || mode == 3 || mode == 4) &&
+                   pre_shift >= 0 && pre_shift < 32 && (isz == 1 || isz == 2 || isz == 4);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "_lbk.sst_taps: inconsistent arguments");
+        release(b, 10);
+        return NULL;
+    }
+    const int64_t outn = mode == 3 ? P * ((O + 63) / 64) * 8 : P * O * (mode == 0 ? isz : 4);
+    if (!need(&b[0], P * F, "x") || !need(&b[1], G * n * 8, "colmap") ||
+        !need(&b[2], G * k * Op, "taps") ||
+        (mode == 0 && (!need(&b[3], Op * 8, "bias") || !need(&b[4], Op * 8, "m") ||
+                       !need(&b[5], Op * 8, "n") || !need(&b[6], Op * 8, "half"))) ||
+        ((mode == 1 || mode == 3) && (!need(&b[7], Op * 4, "scale") || !need(&b[8], Op * 4, "fbias"))) ||
+        !need(&b[9], outn, "out")) {
+        release(b, 10);
+        return NULL;
+    }
+    const int64_t *cm = (const int64_t *)b[1].buf;
+    for (int64_t i = 0; i < G * n; i++)
+        if (cm[i] >= F) {
+            PyErr_SetString(PyExc_ValueError, "_lbk.sst_taps: colmap reads past the input row");
+            release(b, 10);
+            return NULL;
+        }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = lb_sst_taps(b[0].buf, is_signed, F, cm, G, n, b[2].buf, Op, O, k, mode, pre_shift,
+                     b[3].buf, b[4].buf, b[5].buf, b[6].buf, lo, hi, isz, b[7].buf, b[8].buf,
+                     b[9].buf, r0, r1);
+    Py_END_ALLOW_THREADS
+    release(b, 10);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
 #endif /* LB_X86 */
 
 static PyMethodDef lbk_methods[] = {
@@ -1328,6 +1507,7 @@ static PyMethodDef lbk_methods[] = {
     {"gemm_u8s8", py_gemm_u8s8, METH_VARARGS, "uint8 x int8 GEMM (VNNI), fused epilogue."},
     {"quant_k4", py_quant_k4, METH_VARARGS, "NCHW float32 -> interleaved uint8 GEMM input."},
     {"sign_pack", py_sign_pack, METH_VARARGS, "float32 rows or NCHW -> packed sign bits."},
+    {"sst_taps", py_sst_taps, METH_VARARGS, "SST taps looked up in a register (vpermw), fused epilogue."},
 #if LB_HAS_AMX
     {"gemm_amx", py_gemm_amx, METH_VARARGS, "uint8 x int8 GEMM (AMX tiles), fused epilogue."},
     {"bconv_amx", py_bconv_amx, METH_VARARGS, "Binary conv as int8 AMX tiles, fused epilogue."},

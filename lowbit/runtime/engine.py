@@ -22,10 +22,13 @@ Kernels, per conv/linear layer (``Engine.kernels()`` lists the choice):
   ``sum b.x = 2 popcount(x & b) - popcount(b)`` (convs; linear layers
   ``(acc_pm1 + sum(x)) / 2``). Where AMX runs, xnor convs compute the same sums as int8
   dot products of the unpacked +-1 signs on the tile unit (``_lbk.c``, lb_bconv_amx);
-- ``sst-lut``: structured sparse ternary weights (``load(..., sst_kernel="lut")``): per
-  block of 16 input rows the partial sums of every codebook pattern over every group are
-  tabulated once and each output channel adds one table entry per group (no multiplies);
-  by default SST layers run ``gemm-int8``, faster where VNNI exists (bench/sst.py);
+- ``sst-lut``: structured sparse ternary weights (``load(..., sst_kernel="lut")``), no
+  multiplies. C (AVX-512, groups of at most 15): per input row, each group's values and
+  their negatives form a 32-entry register table, and 32 output channels look up each of
+  their k taps in it at once (``vpermw``), from 5-bit tap codes built at load time; numba:
+  per block of 16 input rows the partial sums of every codebook pattern over every group
+  are tabulated once and each output channel adds one table entry per group. By default SST
+  layers run ``gemm-int8``; the look-up path wins at batch 1 (bench/sst.py --part linear);
 - ``int64``: wider integer codes (int16/int32 fixed point): im2col + an int64 GEMM;
 - ``float``: float weights or float input: float32 im2col + matmul (not bit-exact).
 
@@ -342,8 +345,12 @@ class _Layer:
                 self.dq_bin = tuple(K._padded(v, op) for v in self.dq)
         elif self.kernel == "int64":
             self.w64 = self.codes.reshape(self.O, -1).astype(np.int64)
-        elif self.kernel == "sst-lut":
-            pass  # packed by _prepare_sst
+        elif self.kernel == "sst-lut" and K.sst_c_ok(self.packed):  # packed by _prepare_sst
+            op = self.packed.c_taps.shape[2]  # the C kernel's epilogue arrays, padded to Op
+            if hasattr(self, "dq"):
+                self.dq_pad = tuple(K._padded(v, op) for v in self.dq)
+            if hasattr(self, "rq"):
+                self.rq_pad = tuple(K._padded(v, op) for v in self.rq)
         else:
             self.wf = self.codes.reshape(self.O, -1).astype(np.float32)
 
@@ -363,15 +370,6 @@ class _Layer:
             return s
         v = _windows(s, *self.geo)
         return v.sum(axis=(3, 4), dtype=s.dtype)
-
-    def _gemm2d(self, xu, g=0):
-        pc = self.packed
-        out = np.empty((xu.shape[0], self.init.shape[1]), np.int32)
-        if K.HAS_VNNI:
-            K._gemm_vnni(xu, pc.wp[g], self.init[g], out)
-        else:
-            K._gemm_ref(xu, pc.w2d[g], self.init[g], out)
-        return out
 
     def _dw9_prepare(self):
         """Per-channel tables padded to 16 channels for the 3x3 depthwise micro-kernel."""
@@ -443,47 +441,6 @@ class _Layer:
             out = np.empty(shape, np.float32)
             _dw_epilogue(x, *geo, 1, 0, _I0, _I0, _I0, _I0, 0, 0, *self.dq, out)
         return out
-
-    def acc2d(self, x):
-        """The int32 accumulator as a 2-D ``[P, O]`` array (maybe a column view) and the
-        output shape, for gemm-int8 layers without groups."""
-        if x.dtype != self.in_dtype:
-            x = x.astype(self.in_dtype)
-        pc = self.packed
-        if self.conv:
-            N, H, W, C = x.shape
-            if C != self.cin:
-                raise ValueError(f"layer {self.name}: input has {C} channels, not {self.cin}")
-            sh, sw = self.stride
-            ph, pw = self.padding
-            dh, dw = self.dilation
-            Ho = _out_size(H, self.kh, sh, ph, dh)
-            Wo = _out_size(W, self.kw, sw, pw, dw)
-            shape = (N, Ho, Wo, self.O)
-            if pc.depthwise:
-                out = np.empty(shape, np.int32)
-                K._dw_conv(np.ascontiguousarray(x), pc.w32, self.kh, self.kw, sh, sw, ph, pw,
-                           dh, dw, out)  # fmt: skip
-                return out.reshape(-1, self.O), shape
-            if self.pointwise:
-                xs = x if (sh, sw) == (1, 1) else x[:, ::sh, ::sw, :]
-                x2 = np.ascontiguousarray(xs).reshape(N * Ho * Wo, C)
-                xu = K._gemm_input(x2, self.Kp, self.signed)
-            else:
-                xu = np.bitwise_xor(x.view(np.uint8), np.uint8(0x80)) if self.signed else x
-                xu = np.ascontiguousarray(xu)
-                xu2 = np.empty((N * Ho * Wo, self.Kp), np.uint8)
-                K._im2col(xu, 0, self.cg, self.kh, self.kw, sh, sw, ph, pw, dh, dw, Ho, Wo,
-                          128 if self.signed else 0, xu2)  # fmt: skip
-                xu = xu2
-        else:
-            if x.shape[1] != self.cin:
-                raise ValueError(f"layer {self.name}: input has {x.shape[1]} features, "
-                                 f"not {self.cin}")  # fmt: skip
-            shape = (x.shape[0], self.O)
-            xu = K._gemm_input(np.ascontiguousarray(x), self.Kp, self.signed)
-        acc = self._gemm2d(xu)
-        return (acc if acc.shape[1] == self.O else acc[:, : self.O]), shape
 
     def _buf(self, key, shape, dtype, reuse=True):
         """A scratch/output array kept between calls (keyed by role and shape)."""
@@ -625,6 +582,37 @@ class _Layer:
                             and01=self.binary01)  # fmt: skip
         return y
 
+    def sst(self, x):
+        """sst-lut layers on the C look-up kernel with the GEMM's epilogue fused
+        (requantization, dequantization or sign packing; channels last)."""
+        if x.dtype != self.in_dtype:
+            x = x.astype(self.in_dtype)
+        if self.conv:
+            N, H, W, _ = x.shape
+            Ho, Wo = (_out_size(s, k, st, p, d) for s, k, st, p, d in zip(
+                (H, W), (self.kh, self.kw), self.stride, self.padding, self.dilation))  # fmt: skip
+            rows, lead = _im2col(x, 0, self.cin, self.geo), (N, Ho, Wo)
+        else:
+            rows, lead = x, (x.shape[0],)
+        P, O = rows.shape[0], self.O
+        scale = fbias = K._F0
+        bias = m = n = half = K._I0
+        lo = hi = pre_shift = 0
+        if self.sign_out:
+            mode, width, dtype = 3, -(-O // 64), np.uint64
+            scale, fbias = self.dq_pad
+        elif self.out_int:
+            mode, width, dtype = 0, O, self.out_dtype
+            bias, m, n, half = self.rq_pad
+            lo, hi, pre_shift = self.lo, self.hi, self.pre_shift
+        else:
+            mode, width, dtype = 1, O, np.float32
+            scale, fbias = self.dq_pad
+        y = self._out((*lead, width), dtype)
+        K.sst_fused(rows, self.packed, mode, pre_shift, bias, m, n, half, lo, hi, scale, fbias,
+                    y.reshape(P, width))  # fmt: skip
+        return y
+
     def acc(self, x) -> np.ndarray:
         if self.kernel == "sst-lut":
             if x.dtype != self.in_dtype:
@@ -715,17 +703,8 @@ class _Layer:
             return self.depthwise(x)
         if fast and self.groups == 1:
             return self.gemm(x)
-        if fast and self.groups == 1:
-            acc2, shape = self.acc2d(x)
-            if self.out_int:
-                out = np.empty(shape, self.out_dtype)
-                b, m, n, half = self.rq
-                K._requant(acc2, self.pre_shift, b, m, n, half, self.lo, self.hi,
-                           out.reshape(-1, self.O))  # fmt: skip
-                return out
-            out = np.empty(shape, np.float32)
-            K._dequant(acc2, self.dq[0], self.dq[1], True, out.reshape(-1, self.O))
-            return out
+        if self.kernel == "sst-lut" and not self.has_offset and K.sst_c_ok(self.packed):
+            return self.sst(x)
         acc = self.acc(x)
         if self.sign_out:
             ow = -(-self.O // 64)

@@ -1909,7 +1909,11 @@ def dequant(acc, scale, bias=None) -> np.ndarray:
 class PackedSST:
     """SST weights for :func:`sst_lut_matmul`: ``index [O, G]`` codebook indices, the
     codebook's non-zero taps (``pos``, ``sign``, ``nnz``) and ``colmap [G * n]``: for each
-    position of each group, the column of the input row it reads (-1: zero padding)."""
+    position of each group, the column of the input row it reads (-1: zero padding).
+    ``c_taps`` (uint8 ``[G, k, O rounded up to 64]``): the C kernel's layout, each output
+    channel's k taps per group as 5-bit codes (position, +16 when negative; 15, a zero lane,
+    when unused), channels ``i`` and ``32 + i`` of each block of 64 side by side (bytes
+    ``2i``, ``2i + 1``), where groups have at most 15 weights (else None: numba only)."""
 
     index: np.ndarray
     pos: np.ndarray
@@ -1919,6 +1923,8 @@ class PackedSST:
     n: int
     k: int
     fan_in: int
+    c_taps: np.ndarray | None = None
+    reads: int = 0  # the input columns the weights read (colmap's maximum + 1)
 
     @property
     def out_channels(self) -> int:
@@ -1941,8 +1947,21 @@ def prepare_sst(codes: np.ndarray, n: int, k: int, colmap: np.ndarray | None = N
     cm = np.full(g * n, -1, np.int64)
     cm[:fan_in] = np.arange(fan_in) if colmap is None else np.asarray(colmap, np.int64)
     pos, sign, nnz = sstcode.pattern_taps(n, k)
+    taps = None
+    if n <= 15:
+        q = index.astype(np.int64)
+        code = np.where(sign[q] == 0, 15, pos[q] + 16 * (sign[q] < 0)).astype(np.uint8)
+        op = -(-rows // 64) * 64
+        taps = np.full((g, pos.shape[1], op), 15, np.uint8)  # [G, k, Op]
+        taps[:, :, :rows] = code.transpose(1, 2, 0)
+        # byte pairs: in each block of 64 channels, channel i and channel 32 + i share a
+        # 16-bit lane (the kernel's vpermw reads the low byte, then the high one shifted)
+        taps = np.ascontiguousarray(
+            taps.reshape(g, -1, op // 64, 2, 32).transpose(0, 1, 2, 4, 3).reshape(g, -1, op)
+        )
     return PackedSST(np.ascontiguousarray(index.astype(np.int32)), pos, sign.astype(np.int16),
-                     nnz, cm, int(n), int(k), fan_in)  # fmt: skip
+                     nnz, cm, int(n), int(k), fan_in, taps,
+                     int(cm.max(initial=-1)) + 1)  # fmt: skip
 
 
 _SST_R = 16  # input rows per table: the innermost (vectorized) axis of the tables
@@ -1996,14 +2015,55 @@ def _sst_lut(x, index, colmap, pos, sign, nnz, n, out):
 
 def sst_lut_matmul(x2: np.ndarray, packed: PackedSST) -> np.ndarray:
     """``x2 [P, F]`` int8/uint8 rows times SST weights: the int32 ``[P, O]`` accumulator
-    (equal to ``x2 @ codes.T`` with the colmap applied), by look-up tables."""
+    (equal to ``x2 @ codes.T`` with the colmap applied), by look-up tables: in C (AVX-512,
+    groups of at most 15) each row's group values and their negatives are a register table
+    that every output channel's taps index (``_lbk.c``, lb_sst_taps); in numba the partial
+    sums of every codebook pattern over 16 rows are tabulated and shared by the channels."""
+    x2 = _sst_rows(x2, packed)
+    out = np.empty((x2.shape[0], packed.out_channels), np.int32)
+    if sst_c_ok(packed):  # one row at a time, in registers
+        sst_fused(x2, packed, 4, 0, _I0, _I0, _I0, _I0, 0, 0, _F0, _F0, out)
+        return out
+    _sst_lut(x2, packed.index, packed.colmap, packed.pos, packed.sign, packed.nnz, packed.n,
+             out)  # fmt: skip
+    return out
+
+
+def sst_c_ok(packed: PackedSST) -> bool:
+    """The C look-up kernel (and so :func:`sst_fused`) runs these weights."""
+    return packed.c_taps is not None and _cext.available()
+
+
+def _sst_rows(x2: np.ndarray, packed: PackedSST) -> np.ndarray:
     x2 = np.ascontiguousarray(x2)
     if x2.ndim != 2 or x2.dtype not in (np.int8, np.uint8):
         raise ValueError(f"sst_lut_matmul takes a 2-D int8/uint8 array, got {x2.dtype} "
                          f"{x2.shape}")  # fmt: skip
-    if packed.colmap.max(initial=-1) >= x2.shape[1]:
+    if packed.reads > x2.shape[1]:
         raise ValueError(f"input rows have {x2.shape[1]} columns; the weights read more")
-    out = np.empty((x2.shape[0], packed.out_channels), np.int32)
-    _sst_lut(x2, packed.index, packed.colmap, packed.pos, packed.sign, packed.nnz, packed.n,
-             out)  # fmt: skip
-    return out
+    return x2
+
+
+_I0 = np.zeros(1, np.int64)
+_F0 = np.zeros(1, np.float32)
+
+
+def sst_fused(x2, packed: PackedSST, mode, pre_shift, bias, m, n, half, lo, hi, scale, fbias,
+              out) -> None:  # fmt: skip
+    """The C look-up kernel with the GEMM's epilogue fused (modes 0 requantized, 1 float,
+    3 sign bits, 4 int32; see :func:`gemm_fused`), written to the 2-D ``out``; the
+    per-channel arrays are padded here to the taps' channel count."""
+    x2 = _sst_rows(x2, packed)
+    G, k, Op = packed.c_taps.shape
+    isz = out.dtype.itemsize if mode == 0 else 4
+    if mode == 0:
+        bias, m, n, half = (_padded(v, Op) for v in (bias, m, n, half))
+    elif mode in (1, 3):
+        scale, fbias = _padded(scale, Op), _padded(fbias, Op)
+    f = _cext.lib().sst_taps
+    P = x2.shape[0]
+    args = (x2, x2.dtype == np.int8, P, x2.shape[1], packed.colmap, G, packed.n, packed.c_taps,
+            Op, packed.out_channels, k, mode, pre_shift, bias, m, n, half, lo, hi, isz, scale,
+            fbias, out)  # fmt: skip
+    _cext.parallel_rows(lambda r0, r1: f(*args, r0, r1), P, get_threads(),
+                        est_ns=P * G * k * Op / 32 * 1.0)  # fmt: skip
