@@ -28,7 +28,8 @@ Kernels, per conv/linear layer (``Engine.kernels()`` lists the choice):
   their k taps in it at once (``vpermw``), from 5-bit tap codes built at load time; numba:
   per block of 16 input rows the partial sums of every codebook pattern over every group
   are tabulated once and each output channel adds one table entry per group. By default SST
-  layers run ``gemm-int8``; the look-up path wins at batch 1 (bench/sst.py --part linear);
+  layers run ``gemm-int8``, faster from a few rows up; at batch 1 the look-up path is
+  level with or ahead of it (measure with bench/sst.py --part linear);
 - ``int64``: wider integer codes (int16/int32 fixed point): im2col + an int64 GEMM;
 - ``float``: float weights or float input: float32 im2col + matmul (not bit-exact).
 
