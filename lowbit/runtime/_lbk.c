@@ -1077,6 +1077,32 @@ LB_AVX512 static int lb_sign_nchw(const float *x, int64_t C, int64_t HW, uint64_
         a16 = _mm512_setzero_si512();                                                         \
     } while (0)
 
+/* Channels o0 .. o0 + 64 * np (np = 1 or 2) of one row: 2 * np int16 accumulators, each
+ * widened into int32 after at most 128 taps, stored to acc + o0. */
+LB_AVX512 static inline __attribute__((always_inline)) void
+sst_block(const int16_t *tab, const uint8_t *taps, int64_t G, int64_t k, int64_t Op, int64_t o0,
+          const int np, int32_t *acc)
+{
+    const int64_t chunk = 128 / k; /* groups summed in int16 before widening */
+    const __m512i z = _mm512_setzero_si512();
+    __m512i s[4] = {z, z, z, z}, lo[4] = {z, z, z, z}, hi[4] = {z, z, z, z};
+    for (int64_t g0 = 0; g0 < G; g0 += chunk) {
+        const int64_t g1 = g0 + chunk < G ? g0 + chunk : G;
+        for (int64_t g = g0; g < g1; g++) {
+            const __m512i tb = _mm512_load_si512((const void *)(tab + g * 32));
+            for (int64_t t = 0; t < k; t++) {
+                const uint8_t *tp = taps + (g * k + t) * Op + o0;
+                for (int i = 0; i < np; i++) LB_SST_PAIR(s[2 * i], s[2 * i + 1], i);
+            }
+        }
+        for (int i = 0; i < 2 * np; i++) LB_SST_WIDEN(s[i], lo[i], hi[i]);
+    }
+    for (int i = 0; i < 2 * np; i++) {
+        _mm512_store_si512((void *)(acc + o0 + 32 * i), lo[i]);
+        _mm512_store_si512((void *)(acc + o0 + 32 * i + 16), hi[i]);
+    }
+}
+
 LB_AVX512 static int lb_sst_taps(const void *x, int is_signed, int64_t F, const int64_t *colmap,
                                  int64_t G, int64_t n, const uint8_t *taps, int64_t Op,
                                  int64_t O, int64_t k, int mode, int pre_shift,
@@ -1102,7 +1128,6 @@ LB_AVX512 static int lb_sst_taps(const void *x, int is_signed, int64_t F, const 
             const int64_t c = j < n ? colmap[g * n + j] : -1;
             gi[g * 16 + j] = (int32_t)(c < 0 ? F : c);
         }
-    const int64_t chunk = 128 / k; /* groups summed in int16 before widening */
     const __m512i lowbyte = _mm512_set1_epi32(0xFF);
     const __m256i z256 = _mm256_setzero_si256();
     for (int64_t r = r0; r < r1; r++) {
@@ -1118,54 +1143,8 @@ LB_AVX512 static int lb_sst_taps(const void *x, int is_signed, int64_t F, const 
                                                   _mm256_sub_epi16(z256, h), 1));
         }
         int64_t o0 = 0;
-        for (; o0 + 128 <= Op; o0 += 128) { /* 128 channels: four int16 accumulators */
-            __m512i z = _mm512_setzero_si512();
-            __m512i s0 = z, s1 = z, s2 = z, s3 = z;
-            __m512i l0 = z, h0 = z, l1 = z, h1 = z, l2 = z, h2 = z, l3 = z, h3 = z;
-            for (int64_t g0 = 0; g0 < G; g0 += chunk) {
-                const int64_t g1 = g0 + chunk < G ? g0 + chunk : G;
-                for (int64_t g = g0; g < g1; g++) {
-                    const __m512i tb = _mm512_load_si512((const void *)(tab + g * 32));
-                    for (int64_t t = 0; t < k; t++) {
-                        const uint8_t *tp = taps + (g * k + t) * Op + o0;
-                        LB_SST_PAIR(s0, s1, 0);
-                        LB_SST_PAIR(s2, s3, 1);
-                    }
-                }
-                LB_SST_WIDEN(s0, l0, h0);
-                LB_SST_WIDEN(s1, l1, h1);
-                LB_SST_WIDEN(s2, l2, h2);
-                LB_SST_WIDEN(s3, l3, h3);
-            }
-            int32_t *ao = acc + o0;
-            _mm512_store_si512((void *)ao, l0);
-            _mm512_store_si512((void *)(ao + 16), h0);
-            _mm512_store_si512((void *)(ao + 32), l1);
-            _mm512_store_si512((void *)(ao + 48), h1);
-            _mm512_store_si512((void *)(ao + 64), l2);
-            _mm512_store_si512((void *)(ao + 80), h2);
-            _mm512_store_si512((void *)(ao + 96), l3);
-            _mm512_store_si512((void *)(ao + 112), h3);
-        }
-        for (; o0 < Op; o0 += 64) { /* the last 64 channels: two int16 accumulators */
-            __m512i s0 = _mm512_setzero_si512(), s1 = s0, l0 = s0, h0 = s0, l1 = s0, h1 = s0;
-            for (int64_t g0 = 0; g0 < G; g0 += chunk) {
-                const int64_t g1 = g0 + chunk < G ? g0 + chunk : G;
-                for (int64_t g = g0; g < g1; g++) {
-                    const __m512i tb = _mm512_load_si512((const void *)(tab + g * 32));
-                    for (int64_t t = 0; t < k; t++) {
-                        const uint8_t *tp = taps + (g * k + t) * Op + o0;
-                        LB_SST_PAIR(s0, s1, 0);
-                    }
-                }
-                LB_SST_WIDEN(s0, l0, h0);
-                LB_SST_WIDEN(s1, l1, h1);
-            }
-            _mm512_store_si512((void *)(acc + o0), l0);
-            _mm512_store_si512((void *)(acc + o0 + 16), h0);
-            _mm512_store_si512((void *)(acc + o0 + 32), l1);
-            _mm512_store_si512((void *)(acc + o0 + 48), h1);
-        }
+        for (; o0 + 128 <= Op; o0 += 128) sst_block(tab, taps, G, k, Op, o0, 2, acc);
+        for (; o0 < Op; o0 += 64) sst_block(tab, taps, G, k, Op, o0, 1, acc);
         gemm_epilogue(acc, Op, 1, r, Op, O, mode, pre_shift, bias, m, nn, half, lo, hi, isz,
                       scale, fbias, 1, out, NULL, O);
     }

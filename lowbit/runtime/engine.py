@@ -299,6 +299,8 @@ class _Layer:
             self.groups, self.kh, self.kw = 1, 1, 1
             self.cg = self.cin = self.codes.shape[1]
         self.has_offset = "offset_scale" in self.t
+        # an sst-lut layer (packed by _prepare_sst) on the C look-up kernel
+        self.sst_c = self.kernel == "sst-lut" and K.sst_c_ok(self.packed)
         if self.out_int:
             lo, hi = int(a["lo"]), int(a["hi"])
             self.lo, self.hi, self.pre_shift = lo, hi, int(a["pre_shift"])
@@ -346,7 +348,7 @@ class _Layer:
                 self.dq_bin = tuple(K._padded(v, op) for v in self.dq)
         elif self.kernel == "int64":
             self.w64 = self.codes.reshape(self.O, -1).astype(np.int64)
-        elif self.kernel == "sst-lut" and K.sst_c_ok(self.packed):  # packed by _prepare_sst
+        elif self.sst_c:
             op = self.packed.c_taps.shape[2]  # the C kernel's epilogue arrays, padded to Op
             if hasattr(self, "dq"):
                 self.dq_pad = tuple(K._padded(v, op) for v in self.dq)
@@ -519,35 +521,34 @@ class _Layer:
                     x4 = x4.astype(self.in_dtype)
                 K._shift_rows(x4, shift, 1, 1, xu)
         O = self.O
-        scale, fbias = _F0, _F0
-        bias = m = n = half = _I0
-        lo = hi = 0
-        if self.sign_out:
-            mode = 3
-            ow = -(-O // 64)
-            y = o2 = self._out((P, ow), np.uint64)
-            y = y.reshape(*lead, ow)
-            scale, fbias = self.dq_pad
-        elif self.out_int:
-            mode = 0
-            y = self._out((*lead, O), self.out_dtype)
-            o2 = y.reshape(P, O)
-            bias, m, n, half = self.rq_pad
-            lo, hi = self.lo, self.hi
-        elif self.nchw_out and self.conv:
+        if self.nchw_out and self.conv and not (self.sign_out or self.out_int):
             mode = 2
             y = self._out((N, O, Ho, Wo), np.float32)
             o2 = y.reshape(N, O, Ho * Wo)
-            scale, fbias = self.dq_pad
+            ep = (0, _I0, _I0, _I0, _I0, 0, 0, *self.dq_pad)
         else:
-            mode = 1
-            y = self._out((*lead, O), np.float32)
-            o2 = y.reshape(P, O)
-            scale, fbias = self.dq_pad
+            mode, y, o2, ep = self._epilogue(lead, P)
         hw = Ho * Wo if self.conv else 1
-        K.gemm_fused(xu, pc, self.init[0], O, mode, self.pre_shift if self.out_int else 0,
-                     bias, m, n, half, lo, hi, scale, fbias, hw, o2, interleaved)  # fmt: skip
+        K.gemm_fused(xu, pc, self.init[0], O, mode, *ep, hw, o2, interleaved)
         return y
+
+    def _epilogue(self, lead, P):
+        """The fused epilogue of ``gemm`` and ``sst`` for channels-last output rows: its
+        mode (3 sign bits, 0 requantized, 1 float), the output (``lead`` + channels) and its
+        2-D view ``[P, width]``, and the arguments (pre_shift, bias, m, n, half, lo, hi,
+        scale, fbias) with the per-channel arrays padded to the kernel's channel count."""
+        if self.sign_out:
+            mode, width, dtype = 3, -(-self.O // 64), np.uint64
+        elif self.out_int:
+            mode, width, dtype = 0, self.O, self.out_dtype
+        else:
+            mode, width, dtype = 1, self.O, np.float32
+        y = self._out((*lead, width), dtype)
+        if mode == 0:
+            ep = (self.pre_shift, *self.rq_pad, self.lo, self.hi, _F0, _F0)
+        else:
+            ep = (0, _I0, _I0, _I0, _I0, 0, 0, *self.dq_pad)
+        return mode, y, y.reshape(P, width), ep
 
     def binary(self, x):
         """xnor conv layers: the register-blocked XOR + popcount kernel with the epilogue
@@ -595,23 +596,8 @@ class _Layer:
             rows, lead = _im2col(x, 0, self.cin, self.geo), (N, Ho, Wo)
         else:
             rows, lead = x, (x.shape[0],)
-        P, O = rows.shape[0], self.O
-        scale = fbias = K._F0
-        bias = m = n = half = K._I0
-        lo = hi = pre_shift = 0
-        if self.sign_out:
-            mode, width, dtype = 3, -(-O // 64), np.uint64
-            scale, fbias = self.dq_pad
-        elif self.out_int:
-            mode, width, dtype = 0, O, self.out_dtype
-            bias, m, n, half = self.rq_pad
-            lo, hi, pre_shift = self.lo, self.hi, self.pre_shift
-        else:
-            mode, width, dtype = 1, O, np.float32
-            scale, fbias = self.dq_pad
-        y = self._out((*lead, width), dtype)
-        K.sst_fused(rows, self.packed, mode, pre_shift, bias, m, n, half, lo, hi, scale, fbias,
-                    y.reshape(P, width))  # fmt: skip
+        mode, y, o2, ep = self._epilogue(lead, rows.shape[0])
+        K.sst_fused(rows, self.packed, mode, *ep, o2)
         return y
 
     def acc(self, x) -> np.ndarray:
@@ -704,7 +690,7 @@ class _Layer:
             return self.depthwise(x)
         if fast and self.groups == 1:
             return self.gemm(x)
-        if self.kernel == "sst-lut" and not self.has_offset and K.sst_c_ok(self.packed):
+        if self.sst_c and not self.has_offset:
             return self.sst(x)
         acc = self.acc(x)
         if self.sign_out:

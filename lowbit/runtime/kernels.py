@@ -442,6 +442,7 @@ def _bin_conv_tiled(xpad, koff, wb, wpop, C, kh, kw, sh, sw, ph, pw, dh, dw, H, 
 
 
 _DF = np.zeros(1, np.float32)
+_I0 = np.zeros(1, np.int64)
 _DF4 = np.zeros((1, 1, 1, 1), np.float32)
 _DB4 = np.zeros((1, 1, 1, 1), np.uint64)
 _DI4 = np.zeros((1, 1, 1, 1), np.int32)
@@ -2022,10 +2023,10 @@ def sst_lut_matmul(x2: np.ndarray, packed: PackedSST) -> np.ndarray:
     x2 = _sst_rows(x2, packed)
     out = np.empty((x2.shape[0], packed.out_channels), np.int32)
     if sst_c_ok(packed):  # one row at a time, in registers
-        sst_fused(x2, packed, 4, 0, _I0, _I0, _I0, _I0, 0, 0, _F0, _F0, out)
-        return out
-    _sst_lut(x2, packed.index, packed.colmap, packed.pos, packed.sign, packed.nnz, packed.n,
-             out)  # fmt: skip
+        _sst_c(x2, packed, 4, 0, _I0, _I0, _I0, _I0, 0, 0, _DF, _DF, out)
+    else:
+        _sst_lut(x2, packed.index, packed.colmap, packed.pos, packed.sign, packed.nnz,
+                 packed.n, out)  # fmt: skip
     return out
 
 
@@ -2044,16 +2045,17 @@ def _sst_rows(x2: np.ndarray, packed: PackedSST) -> np.ndarray:
     return x2
 
 
-_I0 = np.zeros(1, np.int64)
-_F0 = np.zeros(1, np.float32)
-
-
 def sst_fused(x2, packed: PackedSST, mode, pre_shift, bias, m, n, half, lo, hi, scale, fbias,
               out) -> None:  # fmt: skip
     """The C look-up kernel with the GEMM's epilogue fused (modes 0 requantized, 1 float,
     3 sign bits, 4 int32; see :func:`gemm_fused`), written to the 2-D ``out``; the
     per-channel arrays are padded here to the taps' channel count."""
-    x2 = _sst_rows(x2, packed)
+    _sst_c(_sst_rows(x2, packed), packed, mode, pre_shift, bias, m, n, half, lo, hi, scale,
+           fbias, out)  # fmt: skip
+
+
+def _sst_c(x2, packed, mode, pre_shift, bias, m, n, half, lo, hi, scale, fbias, out) -> None:
+    """:func:`sst_fused` on rows already checked by ``_sst_rows``."""
     G, k, Op = packed.c_taps.shape
     isz = out.dtype.itemsize if mode == 0 else 4
     if mode == 0:
