@@ -97,6 +97,25 @@ def ternary_absmean(w: Tensor, per_channel: bool = True, eps: float = 1e-6):
     return t, s
 
 
+TERNARY_RULES = ("absmean", "twn")
+
+
+def ternary_twn(w: Tensor, per_channel: bool = True, delta: float = 0.7):
+    """TWN rule (Li et al. 2016, arXiv 1605.04711): threshold ``delta * mean|w|``,
+    ``t = sign(w) * [|w| > threshold]``, ``s`` = mean ``|w|`` of the weights kept (the
+    L2-optimal scale for that pattern; 1 where a channel keeps none). ``w ~ s*t``."""
+    a = w.detach().abs()
+    keep = a > delta * channel_reduce(w, "mean", per_channel)
+    t = torch.sign(w.detach()) * keep
+    if per_channel:
+        dims = tuple(range(1, w.ndim))
+        kept, n = (a * keep).sum(dims, keepdim=True), keep.sum(dims, keepdim=True)
+    else:
+        kept, n = (a * keep).sum().reshape([1] * w.ndim), keep.sum().reshape([1] * w.ndim)
+    s = torch.where(n > 0, kept / n.clamp_min(1), torch.ones_like(kept))
+    return t, s
+
+
 class _IdentitySTE(torch.autograd.Function):
     """Forward: ``quantize(w)`` (run without autograd); backward: the gradient unchanged.
 
@@ -130,8 +149,11 @@ def _symmetric_value(w: Tensor, bits: int, per_channel: bool) -> Tensor:
     return out.round_().clamp_(-q, q).mul_(s)
 
 
-def _ternary_value(w: Tensor, per_channel: bool, eps: float) -> Tensor:
-    """``s * clamp(round(w / (s + eps)), -1, 1)`` as ``ternary_absmean``, in place."""
+def _ternary_value(w: Tensor, per_channel: bool, eps: float, rule: str, delta: float) -> Tensor:
+    """``s * t`` of ``ternary_absmean`` (computed in place) or ``ternary_twn``."""
+    if rule == "twn":
+        t, s = ternary_twn(w, per_channel, delta)
+        return t.mul_(s)
     s = channel_reduce(w, "mean", per_channel)
     out = torch.div(w, s + eps)
     return out.round_().clamp_(-1, 1).mul_(s)
@@ -321,30 +343,45 @@ class Int(WeightCodec):
 
 @dataclass(frozen=True)
 class Ternary(WeightCodec):
-    """Ternary weights ``s * t``, ``t`` in {-1, 0, +1}, absmean rule (BitNet b1.58):
-    ``s = mean|w|`` per output channel (or per tensor), ``t = clamp(round(w/(s+eps)), -1, 1)``.
-    STE: identity. ``packing``: "2bit" (fast kernels) or "base3" (5 trits per byte, 1.6 bits).
+    """Ternary weights ``s * t``, ``t`` in {-1, 0, +1}, per output channel (or per tensor).
+
+    ``rule``: "absmean" (BitNet b1.58, the default): ``s = mean|w|``,
+    ``t = clamp(round(w/(s+eps)), -1, 1)``, i.e. a threshold of ``s/2``; or "twn" (TWN):
+    threshold ``delta * mean|w|`` (``delta`` 0.7 by default), ``s`` = the mean ``|w|`` of
+    the weights kept. STE: identity. ``packing``: "2bit" (fast kernels) or "base3"
+    (5 trits per byte, 1.6 bits).
     """
 
     type_name: ClassVar[str] = "ternary"
     per_channel: bool = True
     packing: str = "2bit"
     eps: float = 1e-6
+    rule: str = "absmean"
+    delta: float = 0.7
 
     def __post_init__(self):
         if self.packing not in ("2bit", "base3"):
             raise ValueError(f"Ternary codec: packing must be 2bit or base3, got {self.packing!r}")
+        if self.rule not in TERNARY_RULES:
+            raise ValueError(
+                f"Ternary codec: rule must be one of {', '.join(TERNARY_RULES)}, got {self.rule!r}"
+            )
+        if not 0 < self.delta < 2:
+            raise ValueError(f"Ternary codec: delta must be in (0, 2), got {self.delta}")
 
     def weight_bits(self):
         return 2.0 if self.packing == "2bit" else 1.6
 
     def fake_quant(self, w, params=None):
-        # value: t * s of ternary_absmean; gradient: identity (STE)
-        per_channel, eps = self.per_channel, self.eps
-        return _fake_quant_identity(w, lambda v: _ternary_value(v, per_channel, eps))
+        # value: t * s of the rule; gradient: identity (STE)
+        per_channel, eps, rule, delta = self.per_channel, self.eps, self.rule, self.delta
+        return _fake_quant_identity(w, lambda v: _ternary_value(v, per_channel, eps, rule, delta))
 
     def encode(self, w, params=None):
-        t, s = ternary_absmean(w.detach(), self.per_channel, self.eps)
+        if self.rule == "twn":
+            t, s = ternary_twn(w.detach(), self.per_channel, self.delta)
+        else:
+            t, s = ternary_absmean(w.detach(), self.per_channel, self.eps)
         return Encoded(t.to(torch.int32), {"scale": s.flatten().float()})
 
     def decode(self, enc):

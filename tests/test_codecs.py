@@ -29,6 +29,8 @@ WEIGHT_CODECS = [
     Int(4, per_channel=False),
     Ternary(),
     Ternary(per_channel=False, packing="base3"),
+    Ternary(rule="twn"),
+    Ternary(per_channel=False, rule="twn", delta=0.5),
     Binary("pm1"),
     Binary("01"),
     Binary("ab"),
@@ -51,6 +53,13 @@ def _reference(codec, w: np.ndarray) -> np.ndarray:
         s = np.maximum(m, 1e-8) / q
         s = s.reshape(-1, *[1] * (w.ndim - 1)) if codec.per_channel else s
         return np.clip(np.round(w / s), -q, q) * s
+    if isinstance(codec, Ternary) and codec.rule == "twn":
+        rows = flat if codec.per_channel else flat.reshape(1, -1)
+        out = np.zeros_like(rows)
+        for i, r in enumerate(rows):  # one threshold and one scale per row
+            keep = np.abs(r) > codec.delta * np.abs(r).mean()
+            out[i] = np.sign(r) * keep * (np.abs(r[keep]).mean() if keep.any() else 1.0)
+        return out.reshape(w.shape)
     if isinstance(codec, Ternary):
         m = np.abs(flat).mean(1) if codec.per_channel else np.abs(flat).mean()
         s = m.reshape(-1, *[1] * (w.ndim - 1)) if codec.per_channel else m
@@ -122,6 +131,25 @@ def test_ste_gradient(codec):
         torch.testing.assert_close(w.grad, expected)
     else:
         torch.testing.assert_close(w.grad, g)
+
+
+def test_ternary_twn_threshold_and_scale():
+    w = torch.tensor([[1.0, -0.2, 0.5, -2.0, 0.0, 0.3]])  # mean|w| = 4/6
+    t = Ternary(rule="twn").encode(w).codes
+    # threshold 0.7 * 4/6 = 0.467: 1.0, 0.5 and -2.0 are kept, the rest are zero
+    assert t.tolist() == [[1, 0, 1, -1, 0, 0]]
+    got = Ternary(rule="twn").fake_quant(w)
+    s = (1.0 + 0.5 + 2.0) / 3
+    torch.testing.assert_close(got, torch.tensor([[s, 0, s, -s, 0, 0]]))
+    # the absmean rule thresholds at mean|w| / 2 = 0.333 on the same row
+    assert Ternary().encode(w).codes.tolist() == [[1, 0, 1, -1, 0, 0]]
+    assert Ternary(rule="twn", delta=0.4).encode(w).codes.tolist() == [[1, 0, 1, -1, 0, 1]]
+    zero = Ternary(rule="twn").fake_quant(torch.zeros(2, 3))  # no weight kept: all zero
+    assert torch.equal(zero, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="rule must be one of absmean, twn"):
+        Ternary(rule="bitnet")
+    with pytest.raises(ValueError, match="delta"):
+        Ternary(rule="twn", delta=0)
 
 
 @pytest.mark.parametrize("codec", WEIGHT_CODECS, ids=str)
