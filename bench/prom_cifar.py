@@ -45,6 +45,13 @@ def main() -> None:
         help="QAT distillation weight from the FP start model (0: off)",
     )
     ap.add_argument("--distill-temperature", type=float, default=4.0)
+    ap.add_argument(
+        "--ternary-rule",
+        choices=["absmean", "twn"],
+        default="absmean",
+        help="threshold rule of the ternary pointwise weights (the recipe's ternary_rule)",
+    )
+    ap.add_argument("--ternary-delta", type=float, default=0.7, help="twn: threshold factor")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit-train", type=int, help="train on the first N images (shuffled)")
     ap.add_argument("--runs-dir", default=str(HERE / "runs" / "prom-cifar"))
@@ -76,9 +83,17 @@ def main() -> None:
                           lr=args.qat_lr, weight_decay=4e-5, seed=args.seed,
                           progress=progress)  # fmt: skip
     kd = f"-kd{args.distill:g}t{args.distill_temperature:g}" if args.distill else ""
-    prom_dir = root / f"prom-fp{args.fp_epochs}-qat{args.qat_epochs}-lr{args.qat_lr:g}{kd}{sfx}"
+    twn = args.ternary_rule == "twn"
+    rule = f"-twn{args.ternary_delta:g}" if twn else ""
+    prom_dir = root / (
+        f"prom-fp{args.fp_epochs}-qat{args.qat_epochs}-lr{args.qat_lr:g}{kd}{rule}{sfx}"
+    )
+    options = {"ternary_rule": args.ternary_rule}
+    if twn:
+        options["ternary_delta"] = args.ternary_delta
     res = compress_model("prom", "mobilenetv2", "cifar10", prom_dir, qat_cfg,
                          from_checkpoint=fp_ckpt, limit_train=lim, resume=True,
+                         method_options=options,
                          distill=args.distill,
                          distill_temperature=args.distill_temperature)  # fmt: skip
     total = args.fp_epochs + args.qat_epochs
@@ -98,7 +113,8 @@ def main() -> None:
             f" --distill {args.distill:g} --distill-temperature {args.distill_temperature:g}"
             if args.distill
             else ""
-        ),
+        )
+        + (f" --ternary-rule twn --ternary-delta {args.ternary_delta:g}" if twn else ""),
         "model": f"mobilenetv2, width={args.width}",
         "data": f"cifar10 ({lim or 50000:,} train / 10,000 test)",
         "limit_train": lim,
@@ -109,6 +125,8 @@ def main() -> None:
         "qat_lr": args.qat_lr,
         "distill": args.distill,
         "distill_temperature": args.distill_temperature if args.distill else None,
+        "ternary_rule": args.ternary_rule,
+        "ternary_delta": args.ternary_delta if twn else None,
         "fp_start_test_accuracy": res["fp_test_accuracy"],
         "prom_test_accuracy": res["test_accuracy"],
         "prom_qat_seconds": res["seconds"],
@@ -140,7 +158,8 @@ def main() -> None:
         "| model | epochs | test acc |",
         "|---|---|---|",
         f"| FP (start of QAT) | {args.fp_epochs} | {100 * out['fp_start_test_accuracy']:.2f}% |",
-        f"| PROM QAT (ternary 1x1, int8 rest{_kd_text(out)}) | {args.fp_epochs} FP + "
+        f"| PROM QAT (ternary 1x1{_rule_text(out)}, int8 rest{_kd_text(out)}) | "
+        f"{args.fp_epochs} FP + "
         f"{args.qat_epochs} QAT | "
         f"{100 * out['prom_test_accuracy']:.2f}% |",
     ]
@@ -164,13 +183,14 @@ def main() -> None:
     )
     if len(tried) > 1:
         lines += ["", "Every setting tried (each its own command):", "",
-                  "| FP + QAT epochs | QAT lr | distillation | seed | FP same budget | PROM "
-                  "| gap |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| FP + QAT epochs | QAT lr | ternary rule | distillation | seed "
+                  "| FP same budget | PROM | gap |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for t in tried:
             ref_acc = t["same_budget_fp_test_accuracy"]
             gap_t = "-" if ref_acc is None else f"{100 * (ref_acc - t['prom']):.2f} pts"
             lines.append(f"| {t['fp_epochs']} + {t['qat_epochs']} | {t['qat_lr']} | "
+                         f"{_rule_text(t).lstrip(', ') or 'absmean'} | "
                          f"{_kd_text(t).lstrip(', ') or '-'} | "
                          f"{t['seed']} | {'-' if ref_acc is None else f'{100 * ref_acc:.2f}%'} | "
                          f"{100 * t['prom']:.2f}% | {gap_t} |")  # fmt: skip
@@ -185,14 +205,25 @@ def _kd_text(r: dict) -> str:
     return f", distillation {r['distill']:g}, T={r['distill_temperature']:g}"
 
 
+def _rule_text(r: dict) -> str:
+    """The ternary rule of a run as table text (empty for the default, absmean)."""
+    if r.get("ternary_rule", "absmean") != "twn":
+        return ""
+    return f", TWN delta {r['ternary_delta']:g}"
+
+
 def _tried(r: dict) -> dict:
     lr = r.get("qat_lr", 0.01)  # runs before the option was recorded used the default
     kd = r.get("distill") or 0.0
     key = f"{r['fp_epochs']}+{r['qat_epochs']}-lr{lr:g}-s{r.get('seed', 0)}"
     if kd:
         key += f"-kd{kd:g}t{r['distill_temperature']:g}"
+    rule = r.get("ternary_rule", "absmean")
+    if rule == "twn":
+        key += f"-twn{r['ternary_delta']:g}"
     return {"key": key, "fp_epochs": r["fp_epochs"], "qat_epochs": r["qat_epochs"],
             "qat_lr": lr, "distill": kd, "distill_temperature": r.get("distill_temperature"),
+            "ternary_rule": rule, "ternary_delta": r.get("ternary_delta"),
             "seed": r.get("seed", 0), "prom": r["prom_test_accuracy"],
             "same_budget_fp_test_accuracy": r.get("same_budget_fp_test_accuracy")}  # fmt: skip
 

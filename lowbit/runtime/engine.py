@@ -898,11 +898,13 @@ def _flatten(a):
     start, end = int(a["start_dim"]), int(a["end_dim"])
 
     def run(x):
-        ref = _to_nchw(x)
-        nd = ref.ndim
+        nd = x.ndim
         s, e = start % nd, end % nd
+        if nd == 4 and (s, e) == (1, 3) and x.shape[1] == x.shape[2] == 1:
+            return x.reshape(x.shape[0], x.shape[3])  # [N, 1, 1, C]: NHWC order is NCHW order
+        ref = x.transpose(0, 3, 1, 2) if nd == 4 else x  # a view; reshape copies if it must
         shape = ref.shape[:s] + (int(np.prod(ref.shape[s : e + 1])),) + ref.shape[e + 1 :]
-        return _to_nhwc(ref.reshape(shape))
+        return _to_nhwc(np.ascontiguousarray(ref.reshape(shape)))
 
     return run
 
