@@ -54,6 +54,18 @@ def main() -> None:
     ap.add_argument("--ternary-delta", type=float, default=0.7, help="twn: threshold factor")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit-train", type=int, help="train on the first N images (shuffled)")
+    ap.add_argument(
+        "--train-reference",
+        action="store_true",
+        help="train the same-budget FP reference here even where bench/results/baselines.json "
+        "has the run (another machine's)",
+    )
+    ap.add_argument(
+        "--only",
+        choices=["prom", "reference"],
+        help="run one half (for two processes side by side): the FP start + PROM QAT, or "
+        "the same-budget FP reference; the results are written by a run of both",
+    )
     ap.add_argument("--runs-dir", default=str(HERE / "runs" / "prom-cifar"))
     args = ap.parse_args()
     if not os.environ.get("LOWBIT_DATA"):
@@ -78,6 +90,11 @@ def main() -> None:
 
     # one folder per setting (a resumed run must never pick up another setting's checkpoint)
     sfx = f"-s{args.seed}" if args.seed else ""
+    total = args.fp_epochs + args.qat_epochs
+    if args.only == "reference":
+        ref = fp_run(root / f"fp{total}{sfx}", replace(fp_cfg, epochs=total))
+        print(f"FP {total} epochs: {100 * ref['test_accuracy']:.2f}%")
+        return
     fp_ckpt = fp_run(root / f"fp{args.fp_epochs}{sfx}", fp_cfg)["checkpoint"]
     qat_cfg = TrainConfig(epochs=args.qat_epochs, batch_size=128, optimizer="sgd",
                           lr=args.qat_lr, weight_decay=4e-5, seed=args.seed,
@@ -96,10 +113,18 @@ def main() -> None:
                          method_options=options,
                          distill=args.distill,
                          distill_temperature=args.distill_temperature)  # fmt: skip
-    total = args.fp_epochs + args.qat_epochs
+    if args.only == "prom":
+        print(f"PROM {args.fp_epochs} + {args.qat_epochs}: {100 * res['test_accuracy']:.2f}%")
+        return
     baselines = json.loads((HERE / "results" / "baselines.json").read_text())
     base = baselines.get("mobilenetv2-w0.5-cifar10", {})
-    reuse = lim is None and args.width == 0.5 and base.get("epochs") == total
+    reuse = (
+        not args.train_reference
+        and lim is None
+        and args.width == 0.5
+        and base.get("epochs") == total
+        and not args.seed
+    )
     if not reuse:  # train the same-budget FP reference here
         ref = fp_run(root / f"fp{total}{sfx}", replace(fp_cfg, epochs=total))
         base = {"test_accuracy": ref["test_accuracy"], "epochs": total}
@@ -114,7 +139,8 @@ def main() -> None:
             if args.distill
             else ""
         )
-        + (f" --ternary-rule twn --ternary-delta {args.ternary_delta:g}" if twn else ""),
+        + (f" --ternary-rule twn --ternary-delta {args.ternary_delta:g}" if twn else "")
+        + (" --train-reference" if args.train_reference else ""),
         "model": f"mobilenetv2, width={args.width}",
         "data": f"cifar10 ({lim or 50000:,} train / 10,000 test)",
         "limit_train": lim,

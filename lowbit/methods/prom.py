@@ -4,9 +4,9 @@ L. Meiner, J. Mehnert, A. P. Condurache, "PROM: Prioritize Reduction of Multipli
 Over Lower Bit-Widths for Efficient CNNs", arXiv 2505.03254 (2025).
 
 Pointwise (1x1, groups = 1) convolutions get ternary weights (absmean rule, per output
-channel by default; ``ternary_rule="twn"`` for the TWN threshold) with int8 inputs, so each of their MACs becomes an int8 addition or
-nothing; every other conv and the classifier get int8 weights (symmetric, per channel).
-Plain QAT from the FP model.
+channel by default; ``ternary_rule="twn"`` for the TWN threshold) with int8 inputs, so
+each of their MACs becomes an int8 addition or nothing; every other conv and the
+classifier get int8 weights (symmetric, per channel). Plain QAT from the FP model.
 """
 
 from __future__ import annotations
