@@ -42,6 +42,17 @@ def test_compress_user_model_with_residual_and_groups():
     assert out.shape == (4, 5) and net.point.weight.grad is not None
 
 
+def test_prom_ternary_rule_option():
+    net = UserNet()
+    R.compress_(
+        net, R.recipe("prom", ternary_rule="twn", ternary_delta=0.6), torch.randn(1, 3, 8, 8)
+    )
+    assert net.point.weight_codec == Ternary(rule="twn", delta=0.6)
+    assert net.grouped.weight_codec == Int(8)  # only the pointwise rule changes
+    with pytest.raises(ValueError, match="rule must be one of"):
+        R.recipe("prom", ternary_rule="bitnet")
+
+
 def test_first_last_and_last_rule_wins():
     net = UserNet()
     recipe = R.Recipe(
