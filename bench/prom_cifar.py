@@ -108,11 +108,14 @@ def main() -> None:
     options = {"ternary_rule": args.ternary_rule}
     if twn:
         options["ternary_delta"] = args.ternary_delta
-    res = compress_model("prom", "mobilenetv2", "cifar10", prom_dir, qat_cfg,
-                         from_checkpoint=fp_ckpt, limit_train=lim, resume=True,
-                         method_options=options,
-                         distill=args.distill,
-                         distill_temperature=args.distill_temperature)  # fmt: skip
+    done = prom_dir / "result.json"
+    res = json.loads(done.read_text()) if done.exists() else {}
+    if res.get("epochs") != args.qat_epochs:  # not finished: train (or resume), freeze, pack
+        res = compress_model("prom", "mobilenetv2", "cifar10", prom_dir, qat_cfg,
+                             from_checkpoint=fp_ckpt, limit_train=lim, resume=True,
+                             method_options=options,
+                             distill=args.distill,
+                             distill_temperature=args.distill_temperature)  # fmt: skip
     if args.only == "prom":
         print(f"PROM {args.fp_epochs} + {args.qat_epochs}: {100 * res['test_accuracy']:.2f}%")
         return
@@ -179,7 +182,7 @@ def main() -> None:
     lines = [
         f"# PROM on MobileNetV2, CIFAR-10 ({out['data']})",
         "",
-        f"Command: `{out['command']}` (seed {args.seed}, {args.threads} threads, CPU).",
+        f"Command: `{out['command']}` (seed {args.seed}, {args.threads} thread{"s" if args.threads != 1 else ""}, CPU).",
         "",
         "| model | epochs | test acc |",
         "|---|---|---|",
