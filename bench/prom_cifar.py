@@ -179,10 +179,11 @@ def main() -> None:
     gap = None
     if out["same_budget_fp_test_accuracy"] is not None:
         gap = 100 * (out["same_budget_fp_test_accuracy"] - out["prom_test_accuracy"])
+    threads = f"{args.threads} thread" + ("s" if args.threads != 1 else "")
     lines = [
         f"# PROM on MobileNetV2, CIFAR-10 ({out['data']})",
         "",
-        f"Command: `{out['command']}` (seed {args.seed}, {args.threads} thread{"s" if args.threads != 1 else ""}, CPU).",
+        f"Command: `{out['command']}` (seed {args.seed}, {threads}, CPU).",
         "",
         "| model | epochs | test acc |",
         "|---|---|---|",
