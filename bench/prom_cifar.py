@@ -84,7 +84,8 @@ def main() -> None:
         if resume is not None and load_checkpoint(resume).get("epoch", 0) >= cfg.epochs:
             ck = load_checkpoint(resume)
             return {"checkpoint": str(resume), "test_accuracy": ck["history"][-1]["test_accuracy"],
-                    "epochs": ck["epoch"]}  # fmt: skip
+                    "epochs": ck["epoch"],
+                    "seconds": sum(h.get("seconds", 0.0) for h in ck["history"])}  # fmt: skip
         return train_model("mobilenetv2", "cifar10", out, cfg, model_kwargs={"width": args.width},
                            limit_train=lim, resume=resume)  # fmt: skip
 
@@ -130,7 +131,8 @@ def main() -> None:
     )
     if not reuse:  # train the same-budget FP reference here
         ref = fp_run(root / f"fp{total}{sfx}", replace(fp_cfg, epochs=total))
-        base = {"test_accuracy": ref["test_accuracy"], "epochs": total}
+        base = {"test_accuracy": ref["test_accuracy"], "epochs": total,
+                "seconds": ref.get("seconds")}  # fmt: skip
     out = {
         "command": "LOWBIT_DATA=../shared/data python bench/prom_cifar.py "
         f"--width {args.width} --fp-epochs {args.fp_epochs} --qat-epochs {args.qat_epochs} "
@@ -159,6 +161,7 @@ def main() -> None:
         "fp_start_test_accuracy": res["fp_test_accuracy"],
         "prom_test_accuracy": res["test_accuracy"],
         "prom_qat_seconds": res["seconds"],
+        "same_budget_fp_seconds": base.get("seconds"),
         "same_budget_fp_test_accuracy": base.get("test_accuracy"),
         "same_budget_fp_epochs": base.get("epochs"),
         "frozen_agreement": res.get("frozen_agreement"),
@@ -209,7 +212,12 @@ def main() -> None:
     lines.append(
         f"Storage {out['storage_bytes']:,.0f} B (x{out['compression_vs_fp32']:.2f} vs fp32), "
         f"energy x{out['energy_vs_fp16']:.2f} vs fp16 (operand-width convention); "
-        f"QAT {out['prom_qat_seconds']:.0f} s."
+        f"QAT {out['prom_qat_seconds']:.0f} s"
+        + (
+            f", FP reference {out['same_budget_fp_seconds']:.0f} s (training time)."
+            if out["same_budget_fp_seconds"]
+            else "."
+        )
     )
     if len(tried) > 1:
         lines += ["", "Every setting tried (each its own command):", "",
