@@ -81,8 +81,8 @@ def main() -> None:
 
     def fp_run(out: Path, cfg: TrainConfig) -> dict:
         resume = out / "last.pt" if (out / "last.pt").exists() else None
-        if resume is not None and load_checkpoint(resume).get("epoch", 0) >= cfg.epochs:
-            ck = load_checkpoint(resume)
+        ck = load_checkpoint(resume) if resume is not None else {}
+        if ck.get("epoch", 0) >= cfg.epochs:  # finished: no training, no second load
             return {"checkpoint": str(resume), "test_accuracy": ck["history"][-1]["test_accuracy"],
                     "epochs": ck["epoch"],
                     "seconds": sum(h.get("seconds", 0.0) for h in ck["history"])}  # fmt: skip
