@@ -3,7 +3,10 @@
 A training budget of E epochs is split into FP epochs then PROM QAT epochs (default
 3 + 2), and an FP model trained for all E epochs with the same options is the
 same-budget reference (with the full training set and the defaults, the FP run of
-``bench/results/baselines.json``, ``mobilenetv2-w0.5-cifar10``, is reused). Then the QAT
+``bench/results/baselines.json``, ``mobilenetv2-w0.5-cifar10``, is reused; with
+``--train-reference`` it is trained here, once: the results file records it by width,
+epochs and seed, and a later run uses that record when the git-ignored checkpoint is
+gone). Then the QAT
 model is frozen and the frozen model's predictions are compared with the QAT model's on
 the whole test set. Resumable: rerun to continue.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -52,6 +56,21 @@ def main() -> None:
         help="threshold rule of the ternary pointwise weights (the recipe's ternary_rule)",
     )
     ap.add_argument("--ternary-delta", type=float, default=0.7, help="twn: threshold factor")
+    ap.add_argument(
+        "--act-mode",
+        choices=["ema", "lsq"],
+        default="ema",
+        help="int8 activation scale: EMA of the range, or learned (LSQ) (the recipe's act_mode)",
+    )
+    ap.add_argument(
+        "--bn-recalibrate",
+        type=int,
+        default=0,
+        metavar="BATCHES",
+        help="re-estimate the BatchNorm statistics over this many training batches after QAT, "
+        "before the freeze (0: off); a finished QAT run of the same setting without it is "
+        "reused, not trained again",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit-train", type=int, help="train on the first N images (shuffled)")
     ap.add_argument(
@@ -103,10 +122,16 @@ def main() -> None:
     kd = f"-kd{args.distill:g}t{args.distill_temperature:g}" if args.distill else ""
     twn = args.ternary_rule == "twn"
     rule = f"-twn{args.ternary_delta:g}" if twn else ""
-    prom_dir = root / (
-        f"prom-fp{args.fp_epochs}-qat{args.qat_epochs}-lr{args.qat_lr:g}{kd}{rule}{sfx}"
-    )
-    options = {"ternary_rule": args.ternary_rule}
+    act = "-lsq" if args.act_mode == "lsq" else ""
+    setting = f"prom-fp{args.fp_epochs}-qat{args.qat_epochs}-lr{args.qat_lr:g}{kd}{rule}{act}"
+    bn = f"-bn{args.bn_recalibrate}" if args.bn_recalibrate else ""
+    prom_dir = root / f"{setting}{bn}{sfx}"
+    plain_qat = root / f"{setting}{sfx}" / "qat" / "last.pt"
+    if bn and not (prom_dir / "qat" / "last.pt").exists() and plain_qat.exists():
+        # the same QAT run: recalibration comes after it, so it is not trained twice
+        (prom_dir / "qat").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plain_qat, prom_dir / "qat" / "last.pt")
+    options = {"ternary_rule": args.ternary_rule, "act_mode": args.act_mode}
     if twn:
         options["ternary_delta"] = args.ternary_delta
     done = prom_dir / "result.json"
@@ -116,7 +141,8 @@ def main() -> None:
                              from_checkpoint=fp_ckpt, limit_train=lim, resume=True,
                              method_options=options,
                              distill=args.distill,
-                             distill_temperature=args.distill_temperature)  # fmt: skip
+                             distill_temperature=args.distill_temperature,
+                             bn_recalibrate=args.bn_recalibrate)  # fmt: skip
     if args.only == "prom":
         print(f"PROM {args.fp_epochs} + {args.qat_epochs}: {100 * res['test_accuracy']:.2f}%")
         return
@@ -129,10 +155,23 @@ def main() -> None:
         and base.get("epochs") == total
         and not args.seed
     )
-    if not reuse:  # train the same-budget FP reference here
-        ref = fp_run(root / f"fp{total}{sfx}", replace(fp_cfg, epochs=total))
-        base = {"test_accuracy": ref["test_accuracy"], "epochs": total,
-                "seconds": ref.get("seconds")}  # fmt: skip
+    name = f"prom_cifar_limit{lim}" if lim else "prom_cifar"
+    prev_path = HERE / "results" / f"{name}.json"
+    prev = json.loads(prev_path.read_text()) if prev_path.exists() else {}
+    references = _references(prev)
+    ref_key = f"w{args.width:g}-e{total}-s{args.seed}"
+    ref_dir = root / f"fp{total}{sfx}"
+    if not reuse:
+        recorded = references.get(ref_key)
+        if recorded and not (ref_dir / "last.pt").exists():
+            # trained here by an earlier run (its checkpoint is git-ignored and may be gone):
+            # the same seed and options give the same run, so it is not trained again
+            base = dict(recorded)
+        else:  # train the same-budget FP reference here
+            ref = fp_run(ref_dir, replace(fp_cfg, epochs=total))
+            base = {"test_accuracy": ref["test_accuracy"], "epochs": total,
+                    "seconds": ref.get("seconds")}  # fmt: skip
+            references[ref_key] = base
     out = {
         "command": "LOWBIT_DATA=../shared/data python bench/prom_cifar.py "
         f"--width {args.width} --fp-epochs {args.fp_epochs} --qat-epochs {args.qat_epochs} "
@@ -145,6 +184,8 @@ def main() -> None:
             else ""
         )
         + (f" --ternary-rule twn --ternary-delta {args.ternary_delta:g}" if twn else "")
+        + (" --act-mode lsq" if act else "")
+        + (f" --bn-recalibrate {args.bn_recalibrate}" if bn else "")
         + (" --train-reference" if args.train_reference else ""),
         "model": f"mobilenetv2, width={args.width}",
         "data": f"cifar10 ({lim or 50000:,} train / 10,000 test)",
@@ -158,6 +199,8 @@ def main() -> None:
         "distill_temperature": args.distill_temperature if args.distill else None,
         "ternary_rule": args.ternary_rule,
         "ternary_delta": args.ternary_delta if twn else None,
+        "act_mode": args.act_mode,
+        "bn_recalibrate": res.get("bn_recalibrate"),
         "fp_start_test_accuracy": res["fp_test_accuracy"],
         "prom_test_accuracy": res["test_accuracy"],
         "prom_qat_seconds": res["seconds"],
@@ -171,10 +214,8 @@ def main() -> None:
         "energy_vs_fp16": res["energy_vs_fp16"],
         "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
     }
-    name = f"prom_cifar_limit{lim}" if lim else "prom_cifar"
     # every setting ever run stays in the file ("tried"; a rerun replaces its own line)
-    prev_path = HERE / "results" / f"{name}.json"
-    prev = json.loads(prev_path.read_text()) if prev_path.exists() else {}
+    out["references"] = references
     tried = prev.get("tried") or ([_tried(prev)] if "prom_test_accuracy" in prev else [])
     tried = [t for t in tried if t["key"] != _tried(out)["key"]] + [_tried(out)]
     out["tried"] = tried
@@ -191,7 +232,8 @@ def main() -> None:
         "| model | epochs | test acc |",
         "|---|---|---|",
         f"| FP (start of QAT) | {args.fp_epochs} | {100 * out['fp_start_test_accuracy']:.2f}% |",
-        f"| PROM QAT (ternary 1x1{_rule_text(out)}, int8 rest{_kd_text(out)}) | "
+        f"| PROM QAT (ternary 1x1{_rule_text(out)}, int8 rest, {args.act_mode} act scale"
+        f"{_kd_text(out)}) | "
         f"{args.fp_epochs} FP + "
         f"{args.qat_epochs} QAT | "
         f"{100 * out['prom_test_accuracy']:.2f}% |",
@@ -204,6 +246,13 @@ def main() -> None:
     lines += [""]
     if gap is not None:
         lines.append(f"Gap to the same-budget FP model: {gap:.2f} points.")
+    bn_res = out["bn_recalibrate"]
+    if bn_res:
+        lines.append(
+            f"BatchNorm statistics re-estimated after QAT over {bn_res['batches']} training "
+            f"batches ({bn_res['images']:,} images, no augmentation); test accuracy before "
+            f"that {100 * bn_res['test_accuracy_before']:.2f}%."
+        )
     if out["frozen_agreement"] is not None:
         lines.append(
             f"Frozen model vs QAT model: same prediction on {100 * out['frozen_agreement']:.2f}% "
@@ -221,15 +270,17 @@ def main() -> None:
     )
     if len(tried) > 1:
         lines += ["", "Every setting tried (each its own command):", "",
-                  "| FP + QAT epochs | QAT lr | ternary rule | distillation | seed "
-                  "| FP same budget | PROM | gap |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| FP + QAT epochs | QAT lr | ternary rule | act scale | distillation "
+                  "| BN recalibration | seed | FP same budget | PROM | gap |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for t in tried:
             ref_acc = t["same_budget_fp_test_accuracy"]
             gap_t = "-" if ref_acc is None else f"{100 * (ref_acc - t['prom']):.2f} pts"
             lines.append(f"| {t['fp_epochs']} + {t['qat_epochs']} | {t['qat_lr']} | "
                          f"{_rule_text(t).lstrip(', ') or 'absmean'} | "
+                         f"{t.get('act_mode', 'ema')} | "
                          f"{_kd_text(t).lstrip(', ') or '-'} | "
+                         f"{t.get('bn_recalibrate') or '-'} | "
                          f"{t['seed']} | {'-' if ref_acc is None else f'{100 * ref_acc:.2f}%'} | "
                          f"{100 * t['prom']:.2f}% | {gap_t} |")  # fmt: skip
     (HERE / "results" / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -250,6 +301,19 @@ def _rule_text(r: dict) -> str:
     return f", TWN delta {r['ternary_delta']:g}"
 
 
+def _references(prev: dict) -> dict:
+    """The same-budget FP references trained here so far, by width, epochs and seed (older
+    result files hold one, at the top level, where it was trained here: seconds set)."""
+    refs = dict(prev.get("references") or {})
+    if not refs and prev.get("same_budget_fp_seconds") and "model" in prev:
+        width = float(prev["model"].split("width=")[-1])
+        key = f"w{width:g}-e{prev['same_budget_fp_epochs']}-s{prev.get('seed', 0)}"
+        refs[key] = {"test_accuracy": prev["same_budget_fp_test_accuracy"],
+                     "epochs": prev["same_budget_fp_epochs"],
+                     "seconds": prev["same_budget_fp_seconds"]}  # fmt: skip
+    return refs
+
+
 def _tried(r: dict) -> dict:
     lr = r.get("qat_lr", 0.01)  # runs before the option was recorded used the default
     kd = r.get("distill") or 0.0
@@ -259,9 +323,16 @@ def _tried(r: dict) -> dict:
     rule = r.get("ternary_rule", "absmean")
     if rule == "twn":
         key += f"-twn{r['ternary_delta']:g}"
+    act_mode = r.get("act_mode", "ema")  # runs before the option was recorded used ema
+    if act_mode != "ema":
+        key += f"-{act_mode}"
+    bn = (r.get("bn_recalibrate") or {}).get("batches", 0)
+    if bn:
+        key += f"-bn{bn}"
     return {"key": key, "fp_epochs": r["fp_epochs"], "qat_epochs": r["qat_epochs"],
             "qat_lr": lr, "distill": kd, "distill_temperature": r.get("distill_temperature"),
-            "ternary_rule": rule, "ternary_delta": r.get("ternary_delta"),
+            "ternary_rule": rule, "ternary_delta": r.get("ternary_delta"), "act_mode": act_mode,
+            "bn_recalibrate": bn,
             "seed": r.get("seed", 0), "prom": r["prom_test_accuracy"],
             "same_budget_fp_test_accuracy": r.get("same_budget_fp_test_accuracy")}  # fmt: skip
 

@@ -357,6 +357,7 @@ def _compress_job(
         "resume": getattr(args, "resume", False),
         "distill": args.distill or 0.0,
         "distill_temperature": args.distill_temperature,
+        "bn_recalibrate": args.bn_recalibrate or 0,
     }
 
 
@@ -521,6 +522,10 @@ def _run_compare_jobs(args: argparse.Namespace, valid: Sequence[str]) -> list[st
     own_loop = [m for m in methods if m in METHOD_WORKFLOWS]
     if args.distill and own_loop:
         raise ValueError(f"--distill applies to sbnn, prom and sst, not {', '.join(own_loop)}")
+    if args.bn_recalibrate and own_loop:
+        raise ValueError(
+            f"--bn-recalibrate applies to sbnn, prom and sst, not {', '.join(own_loop)}"
+        )
     out = Path(args.out)
     start = getattr(args, "from")
     if start is None and methods:  # every method starts from the same FP model
@@ -620,6 +625,13 @@ def _add_compress_flags(p: argparse.ArgumentParser, for_compare: bool) -> None:
     )
     p.add_argument("--distill-temperature", type=float, default=4.0, metavar="T",
                    help="softmax temperature of --distill (default 4)")  # fmt: skip
+    p.add_argument(
+        "--bn-recalibrate",
+        type=int,
+        metavar="BATCHES",
+        help="QAT methods (sbnn, prom, sst): after QAT, re-estimate the BatchNorm statistics "
+        "over this many training batches before the freeze (default: off)",
+    )
     g = p.add_argument_group(
         "budget (--method auto)" if not for_compare else "budget (auto in --run)"
     )

@@ -297,6 +297,59 @@ def evaluate(
     return {"test_accuracy": counts[0].item() / n, "test_loss": counts[1].item() / n}
 
 
+@torch.no_grad()
+def recalibrate_bn(
+    model: nn.Module,
+    data,
+    transform: Callable | None = None,
+    batches: int = 100,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> int:
+    """Re-estimate every BatchNorm's running mean and variance with the model as it is now.
+
+    In QAT the weights that BatchNorm sees keep changing (ternary and binary weights flip
+    between levels until the last step), so the running statistics, an EMA over the whole
+    run, lag behind the final weights; the frozen model folds exactly these statistics.
+    This resets them and averages them (cumulatively, ``momentum=None``) over ``batches``
+    batches of ``data`` drawn with ``seed``, without augmentation (``transform`` is the
+    test transform). Everything but BatchNorm stays in eval mode: the activation ranges
+    learned in training are not touched, and no weight changes. Nagel et al., "Overcoming
+    Oscillations in Quantization-Aware Training", ICML 2022, section 4. Returns the number
+    of images used.
+    """
+    if batches < 1 or batch_size < 2:
+        raise ValueError(f"BN recalibration needs batches >= 1 and batch_size >= 2, "
+                         f"got {batches} and {batch_size}")  # fmt: skip
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    images, _ = _as_tensors(data)
+    was_training = model.training
+    model.eval()
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+        m.train()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(images), generator=g)[: batches * batch_size]
+    used = 0
+    try:
+        for b in idx.split(batch_size):
+            if len(b) < 2:
+                break
+            x = images[b].to(device)
+            model(transform(x) if transform is not None else x.float())
+            used += len(b)
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return used
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

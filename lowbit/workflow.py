@@ -26,6 +26,7 @@ from .train import (
     build_from_checkpoint,
     evaluate,
     load_checkpoint,
+    recalibrate_bn,
 )
 from .utils import resolve_device, write_json
 
@@ -286,8 +287,14 @@ def compress_model(
     recipe=None,
     distill: float = 0.0,
     distill_temperature: float = 4.0,
+    bn_recalibrate: int = 0,
 ) -> dict[str, Any]:
     """Compress a model with a method, end to end.
+
+    ``bn_recalibrate`` > 0: after QAT, re-estimate the BatchNorm statistics over that many
+    training batches (:func:`lowbit.train.recalibrate_bn`; no augmentation) before the
+    freeze; the result then reports the test accuracy before and after, and the QAT
+    checkpoint written is ``OUT/qat/recalibrated.pt`` (``last.pt`` stays the run's own).
 
     ``distill`` > 0: the QAT loss mixes in distillation from the FP model it starts from
     (:class:`lowbit.train.Distill`, that weight and ``distill_temperature``).
@@ -306,6 +313,13 @@ def compress_model(
 
     if distill and not 0 < distill <= 1:  # before any training
         raise ValueError(f"distillation weight (--distill) must be in (0, 1], got {distill}")
+    if bn_recalibrate < 0:
+        raise ValueError(f"--bn-recalibrate must be >= 0 batches, got {bn_recalibrate}")
+    if bn_recalibrate and method in METHOD_WORKFLOWS and recipe is None:
+        raise ValueError(
+            f"--bn-recalibrate applies to the plain QAT methods (sbnn, prom, sst), not "
+            f"{method!r}, which trains in its own loop"
+        )
     if distill and method in METHOD_WORKFLOWS and recipe is None:
         raise ValueError(
             f"--distill applies to the plain QAT methods (sbnn, prom, sst), not {method!r}, "
@@ -398,16 +412,26 @@ def compress_model(
             },
         )  # fmt: skip
     result = trainer.fit(train_set, test_set, resume=resume_from)
+    test_accuracy, checkpoint = result.metrics.get("test_accuracy"), result.checkpoint
+    extra = {}
+    if bn_recalibrate:
+        images = recalibrate_bn(trainer.model, train_set, test_tf, bn_recalibrate,
+                                config.batch_size, config.seed, trainer.device)  # fmt: skip
+        extra["bn_recalibrate"] = {"batches": bn_recalibrate, "images": images,
+                                   "test_accuracy_before": test_accuracy}  # fmt: skip
+        test_accuracy = trainer.evaluate(test_set)["test_accuracy"]
+        checkpoint = trainer.save("recalibrated.pt") or checkpoint
     return report_compressed(
         trainer.model.cpu(), example, test_set, test_tf, out, meta,
         method=method, data=data, convention=convention,
-        test_accuracy=result.metrics.get("test_accuracy"), write=trainer.is_main,
+        test_accuracy=test_accuracy, write=trainer.is_main,
         extra={
             "epochs": trainer.epoch,
             "seconds": round(sum(m.get("seconds", 0.0) for m in result.history), 3),
-            "checkpoint": result.checkpoint,
+            "checkpoint": checkpoint,
             "fp_checkpoint": meta["fp_checkpoint"],
             "seed": config.seed,
+            **extra,
         },
     )  # fmt: skip
 
@@ -604,6 +628,15 @@ def freeze_and_pack(net, example, test_set, test_tf, path: Path, meta: dict):
 
 
 def _summary_md(s: dict[str, Any]) -> str:
+    bn = s.get("bn_recalibrate")
+    bn_row = (
+        [
+            f"| BatchNorm recalibrated | {bn['batches']} batches ({bn['images']:,} images); test "
+            f"accuracy before {100 * bn['test_accuracy_before']:.2f}% |"
+        ]  # fmt: skip
+        if bn and bn.get("test_accuracy_before") is not None
+        else []
+    )
     return "\n".join(
         [
             f"# {s['method']} on {s['model']} ({s['data']})",
@@ -620,6 +653,7 @@ def _summary_md(s: dict[str, Any]) -> str:
             f"B tensors + {s.get('packed_header_bytes', 0):,} B header ({s.get('packed')}) |",
             f"| frozen vs QAT predictions | {100 * s.get('frozen_agreement', 0):.2f}% the same |",
             f"| QAT epochs / seconds | {s['epochs']} / {s['seconds']:.0f} |",
+            *bn_row,
             "",
         ]
     )

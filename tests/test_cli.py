@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lowbit.cli import main
 from lowbit.train import load_checkpoint
@@ -231,9 +232,33 @@ def test_compress_with_distillation_records_it(tmp_path, capsys):
     assert res["frozen_agreement"] >= 0.99
 
 
+def test_compress_bn_recalibrate_freezes_the_recalibrated_model(tmp_path, capsys):
+    code, out, err = run(
+        capsys, "compress", "--method", "prom", "--model", "mobilenetv2", "--model-arg",
+        "width=0.25", "--data", "sample", "--epochs", "1", "--limit-train", "64",
+        "--limit-test", "32", "--batch-size", "32", "--out", str(tmp_path / "c"), "--json",
+        "--quiet", "--bn-recalibrate", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out)
+    bn = res["bn_recalibrate"]
+    assert bn["batches"] == 2 and bn["images"] == 64 and 0 <= bn["test_accuracy_before"] <= 1
+    assert res["checkpoint"].endswith("recalibrated.pt")
+    last = load_checkpoint(tmp_path / "c" / "qat" / "last.pt")["state_dict"]
+    recal = load_checkpoint(res["checkpoint"])["state_dict"]
+    stats = [k for k in last if k.endswith("running_mean")]
+    assert stats and any(not torch.equal(last[k], recal[k]) for k in stats)
+    weights = [k for k in last if k.endswith("weight")]
+    assert all(torch.equal(last[k], recal[k]) for k in weights)  # statistics only
+    assert res["frozen_agreement"] >= 0.99  # the freeze folded the new statistics
+    assert "BatchNorm recalibrated" in (tmp_path / "c" / "summary.md").read_text()
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--method", "burn", "--distill", "0.5"], "--distill applies"),
     (["--method", "prom", "--distill", "1.5"], "distillation weight"),
+    (["--method", "burn", "--bn-recalibrate", "5"], "--bn-recalibrate applies"),
+    (["--method", "prom", "--bn-recalibrate", "-1"], "--bn-recalibrate must be"),
 ])  # fmt: skip
 def test_compress_distill_errors(tmp_path, capsys, argv, msg):
     code, out, err = run(capsys, "compress", "--model", "lenet5", "--data", "sample", "--epochs",

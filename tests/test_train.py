@@ -21,6 +21,7 @@ from lowbit.train import (
     build_from_checkpoint,
     load_checkpoint,
     lr_at,
+    recalibrate_bn,
     save_checkpoint,
 )
 
@@ -370,3 +371,40 @@ def test_resume_with_other_optimizer_groups_is_a_clear_error():
             "step": 0, "global_step": 0}  # fmt: skip
     with pytest.raises(CheckpointError, match="cannot resume"):
         trainer.restore(ckpt)
+
+
+def test_recalibrate_bn_matches_the_data_statistics_and_touches_nothing_else():
+    from lowbit.recipes import compress_, make_recipe
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Flatten(),
+                        nn.Linear(256, 2))  # fmt: skip
+    images, labels = _toy_data(n=96)
+    compress_(net, make_recipe("prom"), torch.zeros(1, 1, 8, 8))
+    net.train()
+    for _ in range(3):  # training batches: the activation ranges get set
+        net(images[:32].float() / 255)
+    bn1, bn2 = net[1], net[4]
+    bn1.running_mean.fill_(5.0)  # stale statistics
+    bn2.running_var.fill_(9.0)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k}
+    tf = lambda x: x.float() / 255  # noqa: E731
+    used = recalibrate_bn(net, (images, labels), tf, batches=1, batch_size=96)
+    assert used == 96 and net.training  # the mode it had is restored
+    assert bn1.momentum == 0.1  # restored after the cumulative average
+    for k, v in net.state_dict().items():  # weights, act ranges, counters aside: unchanged
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, weights[k]), k
+    # independent reference: the statistics of the first conv's output over the data
+    net.eval()
+    with torch.no_grad():
+        y = net[0](tf(images))
+    torch.testing.assert_close(bn1.running_mean, y.mean((0, 2, 3)))
+    torch.testing.assert_close(bn1.running_var, y.var((0, 2, 3), unbiased=True))
+    assert not torch.allclose(bn2.running_var, torch.full((4,), 9.0))
+
+
+def test_recalibrate_bn_rejects_bad_settings():
+    with pytest.raises(ValueError, match="batches >= 1"):
+        recalibrate_bn(_toy_model(), _toy_data(), batches=0)
