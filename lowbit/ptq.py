@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from .codecs import FixedPoint, FloatAct, Int, Int8Act, WeightCodec, weight_codec
 from .layers import ActQuantizer, QuantConv2d, QuantLinear
+from .train import reestimate_batchnorm
 
 __all__ = [
     "Calibration",
@@ -155,35 +156,11 @@ def activations_in_float(model: nn.Module):
             q.codec = codec
 
 
-@torch.no_grad()
 def correct_batchnorm(model: nn.Module, images: Tensor, batch_size: int = 128) -> int:
     """Re-estimate the running statistics of every trained BatchNorm on ``images`` (float
     input batch, already normalized), activations in float. Returns how many were reset."""
-    bns = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and m.track_running_stats
-        and int(m.num_batches_tracked) > 0
-    ]
-    if not bns:
-        return 0
-    was_training = model.training
-    momenta = [bn.momentum for bn in bns]
-    model.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calibration batches
-        bn.train()
-    try:
-        with activations_in_float(model):
-            for x in _batches(images, batch_size):
-                model(x)
-    finally:
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
-        model.train(was_training)
-    return len(bns)
+    with activations_in_float(model):
+        return reestimate_batchnorm(model, _batches(images, batch_size))
 
 
 class _RangeObserver:

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -298,6 +298,37 @@ def evaluate(
 
 
 @torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, inputs: Iterable[torch.Tensor]) -> int:
+    """Reset the running statistics of every trained BatchNorm and re-estimate them as a
+    cumulative average (``momentum=None``) over the float input batches ``inputs``.
+    Everything but BatchNorm runs in eval mode (activation ranges and weights are not
+    touched); the modes and momenta are restored. Returns how many BatchNorms were reset."""
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and int(m.num_batches_tracked) > 0
+    ]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        for x in inputs:
+            model(x)
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        model.train(was_training)
+    return len(bns)
+
+
 def recalibrate_bn(
     model: nn.Module,
     data,
@@ -312,42 +343,27 @@ def recalibrate_bn(
     In QAT the weights that BatchNorm sees keep changing (ternary and binary weights flip
     between levels until the last step), so the running statistics, an EMA over the whole
     run, lag behind the final weights; the frozen model folds exactly these statistics.
-    This resets them and averages them (cumulatively, ``momentum=None``) over ``batches``
-    batches of ``data`` drawn with ``seed``, without augmentation (``transform`` is the
-    test transform). Everything but BatchNorm stays in eval mode: the activation ranges
-    learned in training are not touched, and no weight changes. Nagel et al., "Overcoming
+    This re-estimates them (:func:`reestimate_batchnorm`) over ``batches`` batches of
+    ``data`` drawn with ``seed``, without augmentation (``transform`` is the test
+    transform), with the activations quantized as trained. Nagel et al., "Overcoming
     Oscillations in Quantization-Aware Training", ICML 2022, section 4. Returns the number
     of images used.
     """
     if batches < 1 or batch_size < 2:
         raise ValueError(f"BN recalibration needs batches >= 1 and batch_size >= 2, "
                          f"got {batches} and {batch_size}")  # fmt: skip
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
     images, _ = _as_tensors(data)
-    was_training = model.training
-    model.eval()
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-        m.train()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(images), generator=g)[: batches * batch_size]
-    used = 0
-    try:
-        for b in idx.split(batch_size):
-            if len(b) < 2:
-                break
+    chunks = [b for b in idx.split(batch_size) if len(b) >= 2]  # BatchNorm needs 2 samples
+
+    def inputs():
+        for b in chunks:
             x = images[b].to(device)
-            model(transform(x) if transform is not None else x.float())
-            used += len(b)
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.train(was_training)
-    return used
+            yield transform(x) if transform is not None else x.float()
+
+    reestimate_batchnorm(model, inputs())
+    return sum(len(b) for b in chunks)
 
 
 # ----------------------------------------------------------------------------- checkpoints
