@@ -158,7 +158,7 @@ def main() -> None:
     name = f"prom_cifar_limit{lim}" if lim else "prom_cifar"
     prev_path = HERE / "results" / f"{name}.json"
     prev = json.loads(prev_path.read_text()) if prev_path.exists() else {}
-    references = _references(prev)
+    references = dict(prev.get("references") or {})  # FP references trained here
     ref_key = f"w{args.width:g}-e{total}-s{args.seed}"
     ref_dir = root / f"fp{total}{sfx}"
     if not reuse:
@@ -299,19 +299,6 @@ def _rule_text(r: dict) -> str:
     if r.get("ternary_rule", "absmean") != "twn":
         return ""
     return f", TWN delta {r['ternary_delta']:g}"
-
-
-def _references(prev: dict) -> dict:
-    """The same-budget FP references trained here so far, by width, epochs and seed (older
-    result files hold one, at the top level, where it was trained here: seconds set)."""
-    refs = dict(prev.get("references") or {})
-    if not refs and prev.get("same_budget_fp_seconds") and "model" in prev:
-        width = float(prev["model"].split("width=")[-1])
-        key = f"w{width:g}-e{prev['same_budget_fp_epochs']}-s{prev.get('seed', 0)}"
-        refs[key] = {"test_accuracy": prev["same_budget_fp_test_accuracy"],
-                     "epochs": prev["same_budget_fp_epochs"],
-                     "seconds": prev["same_budget_fp_seconds"]}  # fmt: skip
-    return refs
 
 
 def _tried(r: dict) -> dict:

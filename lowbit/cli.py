@@ -520,12 +520,12 @@ def _run_compare_jobs(args: argparse.Namespace, valid: Sequence[str]) -> list[st
     from .workflow import METHOD_WORKFLOWS
 
     own_loop = [m for m in methods if m in METHOD_WORKFLOWS]
-    if args.distill and own_loop:
-        raise ValueError(f"--distill applies to sbnn, prom and sst, not {', '.join(own_loop)}")
-    if args.bn_recalibrate and own_loop:
-        raise ValueError(
-            f"--bn-recalibrate applies to sbnn, prom and sst, not {', '.join(own_loop)}"
-        )
+    for flag in ("distill", "bn_recalibrate"):
+        if getattr(args, flag) and own_loop:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} applies to sbnn, prom and sst, not "
+                f"{', '.join(own_loop)}"
+            )
     out = Path(args.out)
     start = getattr(args, "from")
     if start is None and methods:  # every method starts from the same FP model

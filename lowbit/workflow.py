@@ -315,15 +315,11 @@ def compress_model(
         raise ValueError(f"distillation weight (--distill) must be in (0, 1], got {distill}")
     if bn_recalibrate < 0:
         raise ValueError(f"--bn-recalibrate must be >= 0 batches, got {bn_recalibrate}")
-    if bn_recalibrate and method in METHOD_WORKFLOWS and recipe is None:
+    qat_flags = [f for f, v in (("--distill", distill), ("--bn-recalibrate", bn_recalibrate)) if v]
+    if qat_flags and method in METHOD_WORKFLOWS and recipe is None:
         raise ValueError(
-            f"--bn-recalibrate applies to the plain QAT methods (sbnn, prom, sst), not "
-            f"{method!r}, which trains in its own loop"
-        )
-    if distill and method in METHOD_WORKFLOWS and recipe is None:
-        raise ValueError(
-            f"--distill applies to the plain QAT methods (sbnn, prom, sst), not {method!r}, "
-            "which trains in its own loop"
+            f"{' and '.join(qat_flags)} appl{'ies' if len(qat_flags) == 1 else 'y'} to the "
+            f"plain QAT methods (sbnn, prom, sst), not {method!r}, which trains in its own loop"
         )
     if method in METHOD_WORKFLOWS and recipe is None:  # e.g. BURN: its own loop
         import importlib
@@ -633,7 +629,7 @@ def _summary_md(s: dict[str, Any]) -> str:
         [
             f"| BatchNorm recalibrated | {bn['batches']} batches ({bn['images']:,} images); test "
             f"accuracy before {100 * bn['test_accuracy_before']:.2f}% |"
-        ]  # fmt: skip
+        ]
         if bn and bn.get("test_accuracy_before") is not None
         else []
     )
