@@ -30,6 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from lowbit.codecs import INT8_ACT_MODES  # noqa: E402
 from lowbit.train import TrainConfig, load_checkpoint  # noqa: E402
 from lowbit.utils import write_json  # noqa: E402
 from lowbit.workflow import compress_model, train_model  # noqa: E402
@@ -58,9 +59,10 @@ def main() -> None:
     ap.add_argument("--ternary-delta", type=float, default=0.7, help="twn: threshold factor")
     ap.add_argument(
         "--act-mode",
-        choices=["ema", "lsq"],
+        choices=list(INT8_ACT_MODES),
         default="ema",
-        help="int8 activation scale: EMA of the range, or learned (LSQ) (the recipe's act_mode)",
+        help="int8 activation scale: EMA of the range, or learned with the full LSQ gradient "
+        "(lsq) or its clipping term alone (lsq-clip) (the recipe's act_mode)",
     )
     ap.add_argument(
         "--bn-recalibrate",
@@ -122,7 +124,7 @@ def main() -> None:
     kd = f"-kd{args.distill:g}t{args.distill_temperature:g}" if args.distill else ""
     twn = args.ternary_rule == "twn"
     rule = f"-twn{args.ternary_delta:g}" if twn else ""
-    act = "-lsq" if args.act_mode == "lsq" else ""
+    act = "" if args.act_mode == "ema" else "-" + args.act_mode.replace("-", "")
     setting = f"prom-fp{args.fp_epochs}-qat{args.qat_epochs}-lr{args.qat_lr:g}{kd}{rule}{act}"
     bn = f"-bn{args.bn_recalibrate}" if args.bn_recalibrate else ""
     prom_dir = root / f"{setting}{bn}{sfx}"
@@ -184,7 +186,7 @@ def main() -> None:
             else ""
         )
         + (f" --ternary-rule twn --ternary-delta {args.ternary_delta:g}" if twn else "")
-        + (" --act-mode lsq" if act else "")
+        + (f" --act-mode {args.act_mode}" if act else "")
         + (f" --bn-recalibrate {args.bn_recalibrate}" if bn else "")
         + (" --train-reference" if args.train_reference else ""),
         "model": f"mobilenetv2, width={args.width}",

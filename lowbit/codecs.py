@@ -521,21 +521,42 @@ class FloatAct(ActCodec):
         return self.bits
 
 
+# How an int8 activation scale is set in training (Int8Act.mode):
+#   "ema"      the batch range, tracked by an exponential moving average;
+#   "lsq"      learned, with the full LSQ gradient of Esser et al. 2020: inside the range
+#              d/ds = round(x/s) - x/s, outside it the clipped code;
+#   "lsq-clip" learned, with only the outside (clipping) term (lowbit before 2026-12).
+INT8_ACT_MODES = ("ema", "lsq", "lsq-clip")
+
+
+def check_act_mode(mode: str, name: str = "act_mode") -> str | None:
+    """The problem with an int8 activation mode, or None when it is one of INT8_ACT_MODES."""
+    if mode in INT8_ACT_MODES:
+        return None
+    return f"{name} must be one of {', '.join(INT8_ACT_MODES)}, got {mode!r}"
+
+
 @dataclass(frozen=True)
 class Int8Act(ActCodec):
     """8-bit activations with a per-tensor scale: unsigned [0, 255] (after ReLU) or signed
-    [-127, 127]. The scale is learned (``lsq``, Esser et al. 2020) or tracked by an EMA of
-    the batch range (``ema``) during training, then frozen. STE: identity inside the range.
+    [-127, 127]. The scale is learned (``lsq``, Esser et al. 2020; ``lsq-clip``, LSQ's
+    clipping term only) or tracked by an EMA of the batch range (``ema``) during training,
+    then frozen. STE: identity inside the range.
     """
 
     type_name: ClassVar[str] = "int8"
     signed: bool | None = None  # None: decided from the data at the first batch
-    mode: str = "ema"  # "ema" | "lsq"
+    mode: str = "ema"  # one of INT8_ACT_MODES
     momentum: float = 0.1
 
+    @property
+    def learned(self) -> bool:
+        """The scale is a parameter (an LSQ mode)."""
+        return self.mode in ("lsq", "lsq-clip")
+
     def __post_init__(self):
-        if self.mode not in ("ema", "lsq"):
-            raise ValueError(f"Int8 activation codec: mode must be ema or lsq, got {self.mode!r}")
+        if problem := check_act_mode(self.mode, "mode"):
+            raise ValueError(f"Int8 activation codec: {problem}")
 
     def act_bits(self):
         return 8

@@ -82,46 +82,49 @@ class _Int8ActFn(torch.autograd.Function):
 
     Forward: ``q = clamp(round(x / s), qmin, qmax) * s``. Backward, with
     ``inside = (x >= qmin * s) & (x <= qmax * s)``: ``dx = g`` inside, 0 outside; and
-    (when ``s`` needs a gradient, LSQ) ``ds = sum(g * clamp(round(x / s)))`` over the
-    elements outside (inside, the STE carries no gradient to ``s``). Outside the range the
-    clamped code is ``qmax`` above and ``qmin`` below, so only the masks are saved.
+    (when ``s`` needs a gradient) the LSQ gradient: outside the range ``g * code`` (the
+    clipped code, ``q / s``), inside ``g * (round(x / s) - x / s)`` (``full``; Esser et al.
+    2020) or nothing (``full=False``, the clipping term alone). Both are one reduction:
+    ``ds = sum(g * q - dx * (x if full else q)) / s``.
     """
 
     @staticmethod
-    def forward(ctx, x, s, qmin: int, qmax: int):
+    def forward(ctx, x, s, qmin: int, qmax: int, full: bool = True):
         out = _int8_value(x, s, qmin, qmax)
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.qmin, ctx.qmax, ctx.s_shape = qmin, qmax, s.shape
-        ctx.bounds = None
-        if need_s or (need_x and not _scalar_bounds_ok(x, s)):
-            lo, hi = qmin * s, qmax * s
-            inside = _inside(x, lo, hi)
-            above = torch.gt(x, hi) if need_s else None
-            ctx.save_for_backward(inside, above)
-        elif need_x:
+        ctx.s_shape, ctx.full, ctx.bounds = s.shape, full, None
+        if not (need_x or need_s):
+            return out
+        if _scalar_bounds_ok(x, s):
             # x >= lo  <=>  x > (the float below lo), in x's dtype; likewise for hi
-            lo = (qmin * s).to(x.dtype)
-            hi = (qmax * s).to(x.dtype)
+            lo = (qmin * s).detach().to(x.dtype)
+            hi = (qmax * s).detach().to(x.dtype)
             inf = torch.tensor(math.inf, dtype=x.dtype)
             ctx.bounds = (torch.nextafter(lo, -inf).item(), torch.nextafter(hi, inf).item())
-            ctx.save_for_backward(x)
+            inside = None
+        else:
+            inside = _inside(x, qmin * s, qmax * s)
+        if need_s:
+            ctx.save_for_backward(x, inside, out, s)
+        else:
+            ctx.save_for_backward(x if inside is None else None, inside)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        x, inside, *rest = ctx.saved_tensors
         if ctx.bounds is not None:
-            (x,) = ctx.saved_tensors
             below, above = ctx.bounds
-            return torch.ops.aten.hardtanh_backward(g, x, below, above), None, None, None
-        inside, above = ctx.saved_tensors
-        gx = gs = None
-        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.hardtanh_backward(g, x, below, above)
+        else:
             gx = torch.where(inside, g, 0.0)
+        gs = None
         if ctx.needs_input_grad[1]:
-            codes = torch.where(above, float(ctx.qmax), float(ctx.qmin)).to(g.dtype)
-            gs = (torch.where(inside, 0.0, g) * codes).sum().reshape(ctx.s_shape)
-        return gx, gs, None, None
+            out, s = rest
+            t = torch.mul(g, out).addcmul_(gx, x if ctx.full else out, value=-1)
+            gs = (t.sum() / s).reshape(ctx.s_shape)
+        return (gx if ctx.needs_input_grad[0] else None), gs, None, None, None
 
 
 class ActQuantizer(nn.Module):
@@ -130,7 +133,8 @@ class ActQuantizer(nn.Module):
     Int8 (``ema``): during training the per-tensor range ``max|x|`` is tracked by an
     exponential moving average and used as the clip value; ``s = range / qmax``;
     ``x_q = s * clamp(round(x / s), qmin, qmax)``, STE identity inside the range, zero
-    outside. ``lsq``: ``s`` is a parameter learned with the LSQ gradient scale
+    outside. ``lsq`` / ``lsq-clip``: ``s`` is a parameter learned with the LSQ gradient
+    (full, or its clipping term alone; see ``_Int8ActFn``) and the LSQ gradient scale
     ``1/sqrt(numel * qmax)``. In eval mode the scale is frozen.
 
     The state lives in tensors (``scale``, ``signed_flag``) and the training step reads
@@ -145,7 +149,7 @@ class ActQuantizer(nn.Module):
         # -1 marks "not seen data yet"; signed is decided at the first batch when unset
         self.register_buffer("scale", torch.tensor(-1.0))
         self.register_buffer("signed_flag", torch.tensor(-1.0))
-        if isinstance(codec, Int8Act) and codec.mode == "lsq":
+        if isinstance(codec, Int8Act) and codec.learned:
             self.lsq_scale = nn.Parameter(torch.tensor(1.0))
         self.irnet_t = 1.0  # set per epoch by the SBNN hook when estimator == "irnet"
         self.irnet_k = 1.0
@@ -177,7 +181,7 @@ class ActQuantizer(nn.Module):
             return cache[2]
         if flag.item() < 0:  # first batch: is the input non-negative?
             flag.fill_(1.0 if bool((x.detach() < 0).any()) else 0.0)
-            if self.codec.mode == "lsq":
+            if self.codec.learned:
                 with torch.no_grad():
                     qmax = self.qrange()[1]
                     self.lsq_scale.fill_(2 * x.detach().abs().mean().item() / math.sqrt(qmax))
@@ -189,7 +193,7 @@ class ActQuantizer(nn.Module):
         c = self.codec
         signed = self._signed_now(x)
         qmin, qmax = (-127, 127) if signed else (0, 255)
-        if c.mode == "lsq":
+        if c.learned:
             g = 1.0 / math.sqrt(x.numel() / x.shape[0] * qmax)
             s = ste(self.lsq_scale, self.lsq_scale * g).abs().clamp_min(1e-8)
             self.scale.copy_(s.detach())
@@ -198,7 +202,7 @@ class ActQuantizer(nn.Module):
                 self._track_range(x, signed, qmax)
             s = self.scale.clamp_min(1e-8)
         if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad):
-            return _Int8ActFn.apply(x, s, qmin, qmax)
+            return _Int8ActFn.apply(x, s, qmin, qmax, c.mode != "lsq-clip")
         with torch.no_grad():
             return _int8_value(x, s, qmin, qmax)
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.codecs import (
+    INT8_ACT_MODES,
     Binary,
     FixedPoint,
     Float,
@@ -257,18 +258,18 @@ class _RefInt8Act:
         self.codec = codec
         self.scale = torch.tensor(-1.0)
         self.data_signed = None
-        self.lsq = torch.tensor(1.0, requires_grad=True) if codec.mode == "lsq" else None
+        self.lsq = torch.tensor(1.0, requires_grad=True) if codec.learned else None
 
     def __call__(self, x: torch.Tensor, training: bool = True) -> torch.Tensor:
         c = self.codec
         if self.data_signed is None:
             self.data_signed = bool((x < 0).any())
-            if c.mode == "lsq":
+            if c.learned:
                 qmax = 255 if not self._signed() else 127
                 with torch.no_grad():
                     self.lsq.fill_(2 * x.abs().mean().item() / np.sqrt(qmax))
         qmin, qmax = (-127, 127) if self._signed() else (0, 255)
-        if c.mode == "lsq":
+        if c.learned:
             g = 1.0 / np.sqrt(x.numel() / x.shape[0] * qmax)
             scaled = self.lsq * g
             s = (scaled + (self.lsq - scaled).detach()).abs().clamp_min(1e-8)
@@ -282,6 +283,9 @@ class _RefInt8Act:
                 else:
                     self.scale = self.scale * (1 - c.momentum) + c.momentum * float(r) / qmax
             s = self.scale.clamp_min(1e-8)
+        if c.mode == "lsq":  # Esser et al.: clip, then round by STE: d/ds = round(x/s) - x/s
+            xs = torch.clamp(x / s, qmin, qmax)
+            return (xs + (torch.round(xs) - xs).detach()) * s
         q = torch.clamp(torch.round(x / s), qmin, qmax) * s
         inside = (x >= qmin * s) & (x <= qmax * s)
         through = x + (q - x).detach()  # identity gradient inside the range
@@ -292,7 +296,7 @@ class _RefInt8Act:
 
 
 @pytest.mark.parametrize("scalar_bounds", [True, False], ids=["scalar-bounds", "tensor-mask"])
-@pytest.mark.parametrize("mode", ["ema", "lsq"])
+@pytest.mark.parametrize("mode", ["ema", "lsq", "lsq-clip"])
 @pytest.mark.parametrize("signed", [None, True, False])
 @pytest.mark.parametrize("data", ["relu6", "normal"])
 def test_int8_activation_matches_reference(monkeypatch, scalar_bounds, mode, signed, data):
@@ -318,8 +322,11 @@ def test_int8_activation_matches_reference(monkeypatch, scalar_bounds, mode, sig
         g = torch.randn(x.shape, generator=gen)
         (y_fast * g).sum().backward()
         (y_ref * g).sum().backward()
-        assert torch.equal(x_fast.grad, x_ref.grad), step
-        if mode == "lsq":
+        if mode == "lsq":  # the reference's dx is g * (1/s) * s, rounded
+            torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(x_fast.grad, x_ref.grad), step
+        if codec.learned:
             torch.testing.assert_close(fast.lsq_scale.grad, ref.lsq.grad, rtol=1e-5, atol=1e-6)
             with torch.no_grad():  # a learning step, the same on both
                 fast.lsq_scale.sub_(0.05 * ref.lsq.grad.sign() * ref.lsq.detach())
@@ -351,7 +358,7 @@ def test_int8_activation_reads_nothing_back_after_first_batch(monkeypatch):
         calls.append(t)
         return real_item(t)
 
-    for mode in ("ema", "lsq"):
+    for mode in INT8_ACT_MODES:
         q = ActQuantizer(Int8Act(mode=mode))
         q(torch.randn(2, 8, requires_grad=True)).sum().backward()  # first batch: decides
         calls.clear()
@@ -418,3 +425,13 @@ def test_weight_fake_quant_matches_reference(codec, dtype):
         assert torch.equal(codec.fake_quant(w), value)
     enc = codec.encode(w.float())
     assert torch.equal(codec.decode(enc), _ref_weight_value(codec, w.float()))
+
+
+@pytest.mark.parametrize("method", ["prom", "sst", "burn", "sbnn"])
+def test_act_mode_is_checked_by_every_method(method):
+    import lowbit
+
+    with pytest.raises(ValueError, match="act_mode must be one of ema, lsq, lsq-clip, got 'lsqq'"):
+        lowbit.recipe(method, act_mode="lsqq")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Int8Act(mode="lsqq")

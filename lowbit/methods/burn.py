@@ -114,7 +114,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..codecs import Binary, Float, Int, Int8Act, SignAct
+from ..codecs import Binary, Float, Int, Int8Act, SignAct, check_act_mode
 from ..errors import TrainingError, TrainingInterrupted
 from ..layers import QuantConv2d, QuantLinear
 from ..recipes import Recipe, Rule, compress_, register_method
@@ -191,7 +191,7 @@ class BURNConfig:
     estimator: str = "approxsign"  # sign surrogate of the activations (paper: ApproxSign)
     clip: float = 1.5  # STE window and latent clamp of the binary weights
     binarize_first_last: bool = False  # the BNN literature keeps them at 8 bits
-    act_mode: str = "ema"  # int8 inputs of the first/last layers: "ema" | "lsq"
+    act_mode: str = "ema"  # int8 inputs of the first/last layers: see codecs.INT8_ACT_MODES
     warmup: float = 0.05  # linear warm-up, fraction of each stage (paper: 10 of 200 epochs)
     crop_min_scale: float = 0.2  # random resized crop areas in [crop_min_scale, 1]
     pretrain_lr: float = 1e-3  # SimCLR pretraining: Adam lr (its epochs: --fp-epochs)
@@ -239,8 +239,8 @@ class BURNConfig:
             p.append(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if not self.clip > 0:
             p.append(f"clip must be > 0, got {self.clip}")
-        if self.act_mode not in ("ema", "lsq"):
-            p.append(f"act_mode must be ema or lsq, got {self.act_mode!r}")
+        if problem := check_act_mode(self.act_mode):
+            p.append(problem)
         if not 0 <= self.warmup < 1:
             p.append(f"warmup must be in [0, 1), got {self.warmup}")
         if not 0 < self.crop_min_scale <= 1:

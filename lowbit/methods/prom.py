@@ -11,7 +11,7 @@ classifier get int8 weights (symmetric, per channel). Plain QAT from the FP mode
 
 from __future__ import annotations
 
-from ..codecs import Int, Int8Act, Ternary
+from ..codecs import Int, Int8Act, Ternary, check_act_mode
 from ..recipes import Recipe, Rule, register_method
 
 
@@ -24,9 +24,12 @@ def prom_recipe(
     ternary_delta: float = 0.7,
 ) -> Recipe:
     """The PROM recipe. ``packing``: "2bit" (fast kernels) or "base3" (1.6 bits/weight);
-    ``act_mode``: "ema" (range tracked by an EMA, then frozen) or "lsq" (learned scale);
+    ``act_mode``: "ema" (range tracked by an EMA, then frozen), "lsq" (learned scale, full LSQ
+    gradient) or "lsq-clip" (learned, the clipping term of the gradient alone);
     ``ternary_rule``: "absmean" (BitNet b1.58, the methods.md default) or "twn"
     (threshold ``ternary_delta * mean|w|``, scale the mean of the weights kept)."""
+    if problem := check_act_mode(act_mode):
+        raise ValueError(f"bad prom option: {problem}")
     act = Int8Act(mode=act_mode)
     rules = [
         Rule(select="all", weights=Int(8, per_channel=True), activations=act),

@@ -87,7 +87,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, fx, nn
 
-from ..codecs import Binary, Encoded, Int, Int8Act, SignAct, Ternary, sign_pm1, ste
+from ..codecs import (
+    Binary,
+    Encoded,
+    Int,
+    Int8Act,
+    SignAct,
+    Ternary,
+    check_act_mode,
+    sign_pm1,
+    ste,
+)
 from ..layers import QuantConv2d, QuantLinear
 from ..recipes import Recipe, Rule, register_method
 from ..train import TrainHook
@@ -203,8 +213,8 @@ def _check_common(problems: list[str], c) -> None:
         problems.append(f"clip must be > 0, got {c.clip}")
     if c.relu not in RELU_MODES:
         problems.append(f"relu must be one of {', '.join(RELU_MODES)}, got {c.relu!r}")
-    if c.act_mode not in ("ema", "lsq"):
-        problems.append(f"act_mode must be ema or lsq, got {c.act_mode!r}")
+    if problem := check_act_mode(c.act_mode):
+        problems.append(problem)
 
 
 @dataclass(frozen=True)
@@ -228,7 +238,7 @@ class SBNNConfig:
     # binarized layers with a bias and no BatchNorm after them: correct the bias for the
     # offset binarization adds, on the first batch (see BiasCorrection); BN models: no-op
     bias_correction: bool = True
-    act_mode: str = "ema"  # int8 activations of the first/last layers: "ema" | "lsq"
+    act_mode: str = "ema"  # int8 activations of the first/last layers: see codecs.INT8_ACT_MODES
     # the learned domain scalars (tau, phi) learn at lr * scale_lr (see ScaleLR); 1 = as
     # every other parameter
     scale_lr: float = 0.01

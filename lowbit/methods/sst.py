@@ -64,6 +64,7 @@ from ..codecs import (
     Int8Act,
     WeightCodec,
     _fake_quant_identity,
+    check_act_mode,
 )
 from ..layers import QuantConv2d, QuantLinear
 from ..recipes import Recipe, Rule, _example_input, layer_kinds, register_method
@@ -258,7 +259,7 @@ class SSTConfig:
     first: str = "auto"  # "auto" (int8 if a conv) | "int8" | "sst"
     last: str = "sst"  # "sst" | "int8"
     act: str = "int8"  # layer inputs: "int8" | "float"
-    act_mode: str = "ema"  # int8 input scale: "ema" | "lsq"
+    act_mode: str = "ema"  # int8 input scale: see codecs.INT8_ACT_MODES
     add_bn: bool = True  # BatchNorm after every layer but the last (added where missing)
     start_k: int | None = None  # non-zeros allowed at the start (None: n)
     # while more than k are allowed: "ternary" (also drop |w| < Delta/2: a dense ternary
@@ -279,8 +280,8 @@ class SSTConfig:
             if getattr(self, name) not in valid:
                 problems.append(f"{name} must be one of {', '.join(valid)}, got "
                                 f"{getattr(self, name)!r}")  # fmt: skip
-        if self.act_mode not in ("ema", "lsq"):
-            problems.append(f"act_mode must be ema or lsq, got {self.act_mode!r}")
+        if problem := check_act_mode(self.act_mode):
+            problems.append(problem)
         if self.start_k is not None and not (
             isinstance(self.start_k, int)
             and isinstance(self.n, int)
