@@ -252,7 +252,9 @@ def main() -> None:
     if bn_res:
         lines.append(
             f"BatchNorm statistics re-estimated after QAT over {bn_res['batches']} training "
-            f"batches ({bn_res['images']:,} images, no augmentation); test accuracy before "
+            f"batches ({bn_res['images']:,} images, "
+            f"{'augmented as in training' if bn_res.get('augmented') else 'no augmentation'}); "
+            "test accuracy before "
             f"that {100 * bn_res['test_accuracy_before']:.2f}%."
         )
     if out["frozen_agreement"] is not None:
@@ -282,7 +284,7 @@ def main() -> None:
                          f"{_rule_text(t).lstrip(', ') or 'absmean'} | "
                          f"{t.get('act_mode', 'ema')} | "
                          f"{_kd_text(t).lstrip(', ') or '-'} | "
-                         f"{t.get('bn_recalibrate') or '-'} | "
+                         f"{_bn_text(t)} | "
                          f"{t['seed']} | {'-' if ref_acc is None else f'{100 * ref_acc:.2f}%'} | "
                          f"{100 * t['prom']:.2f}% | {gap_t} |")  # fmt: skip
     (HERE / "results" / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -294,6 +296,13 @@ def _kd_text(r: dict) -> str:
     if not r.get("distill"):
         return ""
     return f", distillation {r['distill']:g}, T={r['distill_temperature']:g}"
+
+
+def _bn_text(t: dict) -> str:
+    """The BN recalibration of a tried row as table text."""
+    if not t.get("bn_recalibrate"):
+        return "-"
+    return f"{t['bn_recalibrate']} batches" + ("" if t.get("bn_augmented") else ", no augmentation")
 
 
 def _rule_text(r: dict) -> str:
@@ -315,13 +324,15 @@ def _tried(r: dict) -> dict:
     act_mode = r.get("act_mode", "ema")  # runs before the option was recorded used ema
     if act_mode != "ema":
         key += f"-{act_mode}"
-    bn = (r.get("bn_recalibrate") or {}).get("batches", 0)
+    bn_res = r.get("bn_recalibrate") or {}
+    bn = bn_res.get("batches", 0)
+    bn_aug = bool(bn_res.get("augmented"))  # recalibration on plain images until 2026-12-07
     if bn:
-        key += f"-bn{bn}"
+        key += f"-bn{bn}" + ("" if bn_aug else "-plain")
     return {"key": key, "fp_epochs": r["fp_epochs"], "qat_epochs": r["qat_epochs"],
             "qat_lr": lr, "distill": kd, "distill_temperature": r.get("distill_temperature"),
             "ternary_rule": rule, "ternary_delta": r.get("ternary_delta"), "act_mode": act_mode,
-            "bn_recalibrate": bn,
+            "bn_recalibrate": bn, "bn_augmented": bn_aug,
             "seed": r.get("seed", 0), "prom": r["prom_test_accuracy"],
             "same_budget_fp_test_accuracy": r.get("same_budget_fp_test_accuracy")}  # fmt: skip
 

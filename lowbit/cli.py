@@ -630,7 +630,8 @@ def _add_compress_flags(p: argparse.ArgumentParser, for_compare: bool) -> None:
         type=int,
         metavar="BATCHES",
         help="QAT methods (sbnn, prom, sst): after QAT, re-estimate the BatchNorm statistics "
-        "over this many training batches before the freeze (default: off)",
+        "over this many training batches (augmented as in training) before the freeze "
+        "(default: off)",
     )
     g = p.add_argument_group(
         "budget (--method auto)" if not for_compare else "budget (auto in --run)"

@@ -411,9 +411,10 @@ def compress_model(
     test_accuracy, checkpoint = result.metrics.get("test_accuracy"), result.checkpoint
     extra = {}
     if bn_recalibrate:
-        images = recalibrate_bn(trainer.model, train_set, test_tf, bn_recalibrate,
+        images = recalibrate_bn(trainer.model, train_set, train_tf, bn_recalibrate,
                                 config.batch_size, config.seed, trainer.device)  # fmt: skip
         extra["bn_recalibrate"] = {"batches": bn_recalibrate, "images": images,
+                                   "augmented": config.augment,
                                    "test_accuracy_before": test_accuracy}  # fmt: skip
         test_accuracy = trainer.evaluate(test_set)["test_accuracy"]
         checkpoint = trainer.save("recalibrated.pt") or checkpoint
@@ -627,7 +628,8 @@ def _summary_md(s: dict[str, Any]) -> str:
     bn = s.get("bn_recalibrate")
     bn_row = (
         [
-            f"| BatchNorm recalibrated | {bn['batches']} batches ({bn['images']:,} images); test "
+            f"| BatchNorm recalibrated | {bn['batches']} batches ({bn['images']:,} images"
+            f"{', augmented' if bn.get('augmented') else ''}); test "
             f"accuracy before {100 * bn['test_accuracy_before']:.2f}% |"
         ]
         if bn and bn.get("test_accuracy_before") is not None

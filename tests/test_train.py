@@ -389,7 +389,7 @@ def test_recalibrate_bn_matches_the_data_statistics_and_touches_nothing_else():
     bn1.running_mean.fill_(5.0)  # stale statistics
     bn2.running_var.fill_(9.0)
     weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k}
-    tf = lambda x: x.float() / 255  # noqa: E731
+    tf = lambda x, generator=None: x.float() / 255  # noqa: E731
     used = recalibrate_bn(net, (images, labels), tf, batches=1, batch_size=96)
     assert used == 96 and net.training  # the mode it had is restored
     assert bn1.momentum == 0.1  # restored after the cumulative average
@@ -403,6 +403,28 @@ def test_recalibrate_bn_matches_the_data_statistics_and_touches_nothing_else():
     torch.testing.assert_close(bn1.running_mean, y.mean((0, 2, 3)))
     torch.testing.assert_close(bn1.running_var, y.var((0, 2, 3), unbiased=True))
     assert not torch.allclose(bn2.running_var, torch.full((4,), 9.0))
+
+
+def test_recalibrate_bn_augments_from_its_seed():
+    """The transform (training augmentation) draws from a generator seeded with ``seed``."""
+    from lowbit.recipes import compress_, make_recipe
+
+    images, labels = _toy_data(n=64)
+    noisy = lambda x, generator: x.float() / 255 + torch.rand(x.shape, generator=generator)  # noqa: E731
+
+    def stats(seed):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(256, 2))  # fmt: skip
+        compress_(net, make_recipe("prom"), torch.zeros(1, 1, 8, 8))
+        net.train()
+        net(images[:32].float() / 255)
+        torch.manual_seed(123)  # the global generator plays no part
+        recalibrate_bn(net, (images, labels), noisy, batches=2, batch_size=32, seed=seed)
+        return net[1].running_mean.clone()
+
+    assert torch.equal(stats(0), stats(0))
+    assert not torch.equal(stats(0), stats(1))
 
 
 def test_recalibrate_bn_rejects_bad_settings():
