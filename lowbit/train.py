@@ -352,7 +352,7 @@ def recalibrate_bn(
     ``seed``: the statistics the network was trained to expect. Without augmentation the
     statistics move to a distribution the weights and the learned activation scales never
     saw: on CIFAR-10 (MobileNetV2 w0.5, PROM, 100 batches) that cost 2.5 points, against
-    -0.07 with it (bench/results/prom_cifar.md). Returns the number of images used.
+    0.08 with it (bench/results/prom_cifar.md). Returns the number of images used.
     """
     if batches < 1 or batch_size < 2:
         raise ValueError(f"BN recalibration needs batches >= 1 and batch_size >= 2, "
