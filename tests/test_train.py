@@ -415,7 +415,7 @@ def test_recalibrate_bn_augments_from_its_seed():
     def stats(seed):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                            nn.Flatten(), nn.Linear(256, 2))  # fmt: skip
+                            nn.Conv2d(4, 4, 1), nn.Flatten(), nn.Linear(256, 2))  # fmt: skip
         compress_(net, make_recipe("prom"), torch.zeros(1, 1, 8, 8))
         net.train()
         net(images[:32].float() / 255)
