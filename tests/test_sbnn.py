@@ -186,13 +186,13 @@ def test_entropy_hook_lambda_and_hinge():
     _set_weights(layers[0], 100)
     _set_weights(layers[1], 2)
     term, p, h, lam = hook.penalty(task)
-    assert h.item() == 0 and lam.item() == 0 and term.detach().item() == 0
+    assert float(h) == 0 and float(lam) == 0 and float(term.detach()) == 0
     # violated by less than the cut: h > 0 but lambda = 0
     _set_weights(layers[0], 103)
     _set_weights(layers[1], 0)
     near = EntropyConstraint(net, density=103 / 2048 - 5e-5, gamma=0.07)
     term, p, h, lam = near.penalty(task)
-    assert 0 < float(h) <= 1e-4 and float(lam) == 0 and term.detach().item() == 0
+    assert 0 < float(h) <= 1e-4 and float(lam) == 0 and float(term.detach()) == 0
     far = EntropyConstraint(net, density=103 / 2048 - 2e-4, gamma=0.07)
     assert float(far.penalty(task)[3]) > 0
 
