@@ -6,7 +6,8 @@ same-budget reference (with the full training set and the defaults, the FP run o
 ``bench/results/baselines.json``, ``mobilenetv2-w0.5-cifar10``, is reused; with
 ``--train-reference`` it is trained here, once: the results file records it by width,
 epochs and seed, and a later run uses that record when the git-ignored checkpoint is
-gone). Then the QAT
+gone; ``--no-reference`` skips the reference and compares with the FP start alone,
+the paper's protocol). Then the QAT
 model is frozen and the frozen model's predictions are compared with the QAT model's on
 the whole test set. Resumable: rerun to continue.
 
@@ -82,6 +83,12 @@ def main() -> None:
         "has the run (another machine's)",
     )
     ap.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="record the PROM run against its own FP start only (the paper's protocol: no "
+        "same-budget FP reference is trained or looked up; the gap column shows '-')",
+    )
+    ap.add_argument(
         "--only",
         choices=["prom", "reference"],
         help="run one half (for two processes side by side): the FP start + PROM QAT, or "
@@ -150,7 +157,7 @@ def main() -> None:
         return
     baselines = json.loads((HERE / "results" / "baselines.json").read_text())
     base = baselines.get("mobilenetv2-w0.5-cifar10", {})
-    reuse = (
+    reuse = args.no_reference or (
         not args.train_reference
         and lim is None
         and args.width == 0.5
@@ -163,7 +170,9 @@ def main() -> None:
     references = dict(prev.get("references") or {})  # FP references trained here
     ref_key = f"w{args.width:g}-e{total}-s{args.seed}"
     ref_dir = root / f"fp{total}{sfx}"
-    if not reuse:
+    if args.no_reference:
+        base = {}
+    elif not reuse:
         recorded = references.get(ref_key)
         if recorded and not (ref_dir / "last.pt").exists():
             # trained here by an earlier run (its checkpoint is git-ignored and may be gone):
@@ -188,7 +197,8 @@ def main() -> None:
         + (f" --ternary-rule twn --ternary-delta {args.ternary_delta:g}" if twn else "")
         + (f" --act-mode {args.act_mode}" if act else "")
         + (f" --bn-recalibrate {args.bn_recalibrate}" if bn else "")
-        + (" --train-reference" if args.train_reference else ""),
+        + (" --train-reference" if args.train_reference else "")
+        + (" --no-reference" if args.no_reference else ""),
         "model": f"mobilenetv2, width={args.width}",
         "data": f"cifar10 ({lim or 50000:,} train / 10,000 test)",
         "limit_train": lim,
@@ -248,6 +258,8 @@ def main() -> None:
     lines += [""]
     if gap is not None:
         lines.append(f"Gap to the same-budget FP model: {gap:.2f} points.")
+    drop = 100 * (out["fp_start_test_accuracy"] - out["prom_test_accuracy"])
+    lines.append(f"Change from the FP start model: {-drop:+.2f} points.")
     bn_res = out["bn_recalibrate"]
     if bn_res:
         lines.append(
@@ -275,8 +287,8 @@ def main() -> None:
     if len(tried) > 1:
         lines += ["", "Every setting tried (each its own command):", "",
                   "| FP + QAT epochs | QAT lr | ternary rule | act scale | distillation "
-                  "| BN recalibration | seed | FP same budget | PROM | gap |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| BN recalibration | seed | FP start | FP same budget | PROM | gap |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for t in tried:
             ref_acc = t["same_budget_fp_test_accuracy"]
             gap_t = "-" if ref_acc is None else f"{100 * (ref_acc - t['prom']):.2f} pts"
@@ -285,10 +297,15 @@ def main() -> None:
                          f"{t.get('act_mode', 'ema')} | "
                          f"{_kd_text(t).lstrip(', ') or '-'} | "
                          f"{_bn_text(t)} | "
-                         f"{t['seed']} | {'-' if ref_acc is None else f'{100 * ref_acc:.2f}%'} | "
+                         f"{t['seed']} | {_pct(t.get('fp_start'))} | {_pct(ref_acc)} | "
                          f"{100 * t['prom']:.2f}% | {gap_t} |")  # fmt: skip
     (HERE / "results" / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _pct(x: float | None) -> str:
+    """An accuracy as table text ('-' where the run did not record it)."""
+    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def _kd_text(r: dict) -> str:
@@ -324,6 +341,8 @@ def _tried(r: dict) -> dict:
     act_mode = r.get("act_mode", "ema")  # runs before the option was recorded used ema
     if act_mode != "ema":
         key += f"-{act_mode}"
+    if r.get("same_budget_fp_test_accuracy") is None:  # --no-reference: its own row
+        key += "-noref"
     bn_res = r.get("bn_recalibrate") or {}
     bn = bn_res.get("batches", 0)
     bn_aug = bool(bn_res.get("augmented"))  # recalibration on plain images until 2026-12-07
@@ -334,6 +353,7 @@ def _tried(r: dict) -> dict:
             "ternary_rule": rule, "ternary_delta": r.get("ternary_delta"), "act_mode": act_mode,
             "bn_recalibrate": bn, "bn_augmented": bn_aug,
             "seed": r.get("seed", 0), "prom": r["prom_test_accuracy"],
+            "fp_start": r.get("fp_start_test_accuracy"),
             "same_budget_fp_test_accuracy": r.get("same_budget_fp_test_accuracy")}  # fmt: skip
 
 
