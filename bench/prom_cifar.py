@@ -96,6 +96,8 @@ def main() -> None:
     )
     ap.add_argument("--runs-dir", default=str(HERE / "runs" / "prom-cifar"))
     args = ap.parse_args()
+    if args.no_reference and args.train_reference:
+        ap.error("--no-reference and --train-reference contradict each other: choose one")
     if not os.environ.get("LOWBIT_DATA"):
         sys.exit("set LOWBIT_DATA to the folder holding cifar10/")
     torch.set_num_threads(args.threads)
@@ -157,7 +159,7 @@ def main() -> None:
         return
     baselines = json.loads((HERE / "results" / "baselines.json").read_text())
     base = baselines.get("mobilenetv2-w0.5-cifar10", {})
-    reuse = args.no_reference or (
+    reuse = (
         not args.train_reference
         and lim is None
         and args.width == 0.5
@@ -258,8 +260,8 @@ def main() -> None:
     lines += [""]
     if gap is not None:
         lines.append(f"Gap to the same-budget FP model: {gap:.2f} points.")
-    drop = 100 * (out["fp_start_test_accuracy"] - out["prom_test_accuracy"])
-    lines.append(f"Change from the FP start model: {-drop:+.2f} points.")
+    change = 100 * (out["prom_test_accuracy"] - out["fp_start_test_accuracy"])
+    lines.append(f"Change from the FP start model: {change:+.2f} points.")
     bn_res = out["bn_recalibrate"]
     if bn_res:
         lines.append(
